@@ -1,0 +1,92 @@
+"""Search directions: *where* the line search looks.
+
+A direction function owns the per-parameter optimizer state it needs (moments,
+step counts) and turns the current gradient ``g`` into a direction ``d``. It
+never moves a parameter: the optimizer multiplies ``d`` by the chosen step size.
+
+Every direction takes ``finite``, a 0-dim bool tensor that is ``False`` when
+some gradient holds NaN/Inf. The state is then left exactly as it was, with
+tensor ops only, so that a step issues no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def adam(
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    finite: Tensor,
+) -> list[Tensor]:
+    r"""Adam's direction from moments that already contain the current gradient.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2, \\
+        d = -\frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
+
+    ``t`` is Adam's own step count, stored as ``state["step"]`` (a tensor, as in
+    :class:`torch.optim.Adam`) and incremented here, once per step, never elsewhere.
+    """
+    beta1, beta2 = group["betas"]
+    eps = group["eps"]
+    directions = []
+    for p, g, state in zip(params, grads, states):
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        step.add_(finite.to(step.dtype))
+        # lerp towards the value itself is an exact no-op: a non-finite g leaves m, v untouched.
+        m.lerp_(torch.where(finite, g, m), 1 - beta1)
+        v.lerp_(torch.where(finite, g * g, v), 1 - beta2)
+        # float64 scalars: 1 - 0.999**t in float32 is off by 1e-5 at t = 1.
+        # A skipped first step keeps t = 0; clamping gives d = 0 from m = 0.
+        t = step.double().clamp(min=1)
+        bias_correction1 = 1 - torch.pow(beta1, t)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        directions.append(-(m / bias_correction1) / denom)
+    return directions
+
+
+def sgd(
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    finite: Tensor,
+) -> list[Tensor]:
+    r"""SGD's direction, with optional momentum, dampening, Nesterov and coupled weight decay.
+
+    .. math::
+        \tilde g = g + \lambda\theta, \qquad
+        b_t = \mu b_{t-1} + (1-\tau)\tilde g \;\; (b_1 = \tilde g), \qquad
+        d = -\begin{cases} \tilde g + \mu b_t & \text{Nesterov} \\ b_t & \text{else} \end{cases}
+
+    exactly as :class:`torch.optim.SGD` (``d = -g̃`` without momentum).
+    """
+    momentum, dampening = group["momentum"], group["dampening"]
+    weight_decay, nesterov = group["weight_decay"], group["nesterov"]
+    directions = []
+    for p, g, state in zip(params, grads, states):
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        if momentum != 0:
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf, step = state["momentum_buffer"], state["step"]
+            update = torch.where(step == 0, g, buf * momentum + g * (1 - dampening))
+            buf.copy_(torch.where(finite, update, buf))
+            step.add_(finite.to(step.dtype))
+            g = g.add(buf, alpha=momentum) if nesterov else buf
+        directions.append(-g)
+    return directions

@@ -1,0 +1,329 @@
+r"""The optimizers: a direction, a curvature query and a step-size rule, joined in ``step()``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from backpack import backpack
+from backpack.extensions.backprop_extension import BackpropExtension
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import direction as directions
+from .curvature import CURVATURES, make_curvature
+from .curvature._common import dot
+from .records import History, StepRecord
+from .stepsize import quadratic_step
+
+MODES = ("scale", "observe")
+
+#: Default clipping range of alpha in scale mode (see QuadraticLineSearchAdam).
+ALPHA_MIN = 0.0
+ALPHA_MAX = 1.0
+
+
+class QuadraticLineSearch(Optimizer):
+    """Shared machinery; subclasses only choose the direction.
+
+    A subclass sets :attr:`direction` (a function of :mod:`quadstep.direction`) and
+    :attr:`decoupled_weight_decay` (whether ``weight_decay`` shrinks the
+    parameters, as AdamW does, instead of entering the direction).
+    """
+
+    direction: Callable[..., list[Tensor]]
+    decoupled_weight_decay: bool
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        curvature: str,
+        mode: str,
+        alpha_min: float,
+        alpha_max: float,
+        history_size: int | None,
+    ) -> None:
+        lr = defaults["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        if not 0.0 <= defaults.get("weight_decay", 0.0):
+            raise ValueError(f"Invalid weight_decay value: {defaults['weight_decay']} (must be >= 0)")
+        if curvature not in CURVATURES:
+            raise ValueError(f"Invalid curvature: {curvature!r} (choose one of {', '.join(map(repr, CURVATURES))})")
+        if mode not in MODES:
+            raise ValueError(f"Invalid mode: {mode!r} (choose one of {', '.join(map(repr, MODES))})")
+        if not 0.0 <= alpha_min:
+            raise ValueError(f"Invalid alpha_min: {alpha_min} (must be >= 0)")
+        if not alpha_min <= alpha_max:
+            raise ValueError(
+                f"Invalid alpha range: alpha_min={alpha_min} > alpha_max={alpha_max} "
+                "(need 0 <= alpha_min <= alpha_max; alpha_max may be math.inf)"
+            )
+        super().__init__(params, defaults)
+        self.curvature = curvature
+        self.mode = mode
+        self.alpha_min = float(alpha_min)
+        self.alpha_max = float(alpha_max)
+        self.history = History(history_size)
+        self._curvature = make_curvature(curvature)
+        self._steps = 0
+
+    def extension(self) -> BackpropExtension:
+        """The BackPACK extension to run ``loss.backward()`` under: ``with backpack(opt.extension()):``."""
+        return self._curvature.extension()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        r"""Update the direction's state with g, then take :math:`\theta \leftarrow \theta + \alpha d`.
+
+        Args:
+            closure: optional; re-evaluates the model and calls ``loss.backward()``.
+                It runs inside the BackPACK context of :meth:`extension`.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(), backpack(self.extension()):
+                loss = closure()
+
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"(parameter of shape {tuple(p.shape)}); use dense layers, e.g. "
+                        "nn.Embedding(..., sparse=False)."
+                    )
+            groups.append((group, params))
+        params = [p for _, ps in groups for p in ps]
+        if not params:
+            return loss
+        self._curvature.check_ready(params)  # raises before any state changes
+        device = params[0].device
+
+        def total(values: list[Tensor]) -> Tensor:
+            return torch.stack([v.to(device) for v in values]).sum()
+
+        grads = [p.grad for p in params]
+        grad_sq = total([dot(g, g) for g in grads])
+        finite = torch.isfinite(grad_sq)
+
+        ds: list[Tensor] = []
+        for group, ps in groups:
+            states = [self.state[p] for p in ps]
+            ds += self.direction(group, ps, [p.grad for p in ps], states, finite)
+
+        dg = total([dot(d, g) for d, g in zip(ds, grads)])
+        block_dcd = torch.stack([q.to(device) for q in self._curvature.quadratic_forms(params, ds)])
+        self._curvature.release(params)
+        dcd = self._average_over_ranks(block_dcd).sum()
+        rule = quadratic_step(dg, dcd, grad_sq, self.alpha_min, self.alpha_max)
+
+        # The one place where the mode matters: which scalar multiplies d.
+        use_alpha_star = rule.defined & (self.mode == "scale")
+        alphas = []
+        i = 0
+        for group, ps in groups:
+            lr = group["lr"]
+            alpha = torch.where(rule.skip, 0.0, torch.where(use_alpha_star, rule.alpha, lr))
+            wd = group["weight_decay"] if self.decoupled_weight_decay else 0.0
+            shrink = torch.where(rule.skip, 1.0, torch.full_like(dg, 1.0 - lr * wd))
+            for p, d in zip(ps, ds[i : i + len(ps)]):
+                if wd != 0:
+                    p.mul_(shrink.to(p.dtype))
+                p.addcmul_(d, alpha.to(p.dtype))
+            i += len(ps)
+            alphas.append(alpha)
+
+        self._steps += 1
+        self.history.append(
+            StepRecord(
+                step=self._steps,
+                alpha_star=rule.alpha_star,
+                alphas=torch.stack(alphas),
+                dg=dg,
+                dHd=dcd,
+                status_code=rule.status,
+            )
+        )
+        return loss
+
+    @staticmethod
+    def _average_over_ranks(values: Tensor) -> Tensor:
+        """Average over data-parallel ranks, as DDP averages gradients: one all-reduce per step.
+
+        Each rank's curvature covers its local batch only, while g (hence d and dᵀg)
+        is already averaged by DDP.
+        """
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(values)
+            values = values / torch.distributed.get_world_size()
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`torch.optim.Optimizer.state_dict` plus the step count and the history."""
+        state = super().state_dict()
+        state["quadstep"] = {"steps": self._steps, "history": self.history.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("quadstep", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._steps = extra["steps"]
+            p = self.param_groups[0]["params"][0]
+            self.history.load_state_dict(
+                extra["history"], torch.promote_types(p.dtype, torch.float32), p.device
+            )
+
+
+class QuadraticLineSearchAdam(QuadraticLineSearch):
+    r"""Adam's direction, scaled by the minimiser of the local quadratic model along it.
+
+    At every step, with mini-batch gradient :math:`g` and curvature matrix
+    :math:`C` (block-diagonal over parameter tensors, from BackPACK):
+
+    .. math::
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2 \\
+        d &= -\frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} \\
+        \alpha^* &= -\frac{d^\top g}{d^\top C d} \\
+        \theta &\leftarrow (1 - \mathrm{lr}\cdot\lambda)\,\theta + \alpha\, d, \qquad
+        \alpha = \begin{cases}
+            \mathrm{clip}(\alpha^*, \alpha_{\min}, \alpha_{\max}) & \text{mode="scale", } \alpha^* \text{ defined} \\
+            \mathrm{lr} & \text{otherwise}
+        \end{cases}
+
+    :math:`\alpha^*` is defined when :math:`d^\top g < 0`, :math:`d^\top C d > 0` and both are
+    finite. A gradient with NaN/Inf leaves parameters and moments untouched. Every
+    step appends a :class:`~quadstep.records.StepRecord` to :attr:`history`.
+
+    With ``mode="observe"`` the steps are exactly those of :class:`torch.optim.Adam`
+    (``weight_decay=0``) or :class:`torch.optim.AdamW`, and :math:`\alpha^*` is only recorded.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate; in scale mode used only where alpha* is undefined, and
+            for weight decay (default: 1e-3).
+        betas: coefficients of the running averages of g and g² (default: (0.9, 0.999)).
+        eps: added to the denominator; must be > 0, or d is 0/0 for a
+            gradient entry that was always zero (default: 1e-8).
+        weight_decay: decoupled weight decay λ, as in AdamW (default: 0).
+        curvature: ``"hessian"`` (BackPACK HMP), ``"ggn"`` (GGNMP), ``"pch-clip"`` or
+            ``"pch-abs"`` (PCHMP with modify clip/abs) (default: "hessian").
+        mode: ``"scale"`` steps with alpha*, ``"observe"`` steps with lr (default: "scale").
+        alpha_min: lower clip of alpha (default: 0: the model's verdict that a small
+            step is best is kept).
+        alpha_max: upper clip of alpha (default: 1.0). The entries of Adam's direction
+            have magnitude about 1 or less, so alpha = 1 moves each parameter by up
+            to about 1 per step, 1000 times Adam's default lr; beyond that the
+            quadratic model is an extrapolation. The bound catches a curvature that is
+            nearly zero along d; ``math.inf`` disables it.
+        history_size: number of most recent records kept, None for all (default: 10000).
+
+    Example:
+        >>> model, loss_fn = extend(model), extend(nn.MSELoss())
+        >>> opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn")
+        >>> with backpack(opt.extension()):
+        ...     loss_fn(model(x), y).backward()
+        >>> opt.step()
+        >>> float(opt.history[-1].alpha_star)
+    """
+
+    direction = staticmethod(directions.adam)
+    decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        curvature: str = "hessian",
+        mode: str = "scale",
+        alpha_min: float = ALPHA_MIN,
+        alpha_max: float = ALPHA_MAX,
+        history_size: int | None = 10_000,
+    ) -> None:
+        if not 0.0 < eps:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be > 0)")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+        super().__init__(
+            params,
+            dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+            curvature=curvature,
+            mode=mode,
+            alpha_min=alpha_min,
+            alpha_max=alpha_max,
+            history_size=history_size,
+        )
+
+
+class QuadraticLineSearchSGD(QuadraticLineSearch):
+    r"""SGD's direction, scaled by the minimiser of the local quadratic model along it.
+
+    The direction is that of :class:`torch.optim.SGD`: :math:`d = -g` without momentum,
+    :math:`d = -b_t` (heavy ball) or :math:`d = -(g + \mu b_t)` (Nesterov) with it;
+    ``weight_decay`` is added to the gradient (coupled), as in ``torch.optim.SGD``.
+    Everything else (curvature, modes, clipping, fallbacks, records) is that of
+    :class:`QuadraticLineSearchAdam`; with ``mode="observe"`` the steps are exactly
+    those of ``torch.optim.SGD``. Along :math:`d=-g`, :math:`\alpha^* = g^\top g / g^\top C g`.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate; in scale mode used only where alpha* is undefined (default: 1e-3).
+        momentum: momentum factor μ (default: 0).
+        dampening: dampening τ for momentum (default: 0).
+        weight_decay: L2 penalty λ added to the gradient (default: 0).
+        nesterov: Nesterov momentum (default: False).
+        curvature, mode, alpha_min, alpha_max, history_size: as in
+            :class:`QuadraticLineSearchAdam`. SGD's direction has the scale of the
+            gradient, not about 1 per entry, so the default ``alpha_max`` is ``math.inf``.
+    """
+
+    direction = staticmethod(directions.sgd)
+    decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        curvature: str = "hessian",
+        mode: str = "scale",
+        alpha_min: float = ALPHA_MIN,
+        alpha_max: float = math.inf,
+        history_size: int | None = 10_000,
+    ) -> None:
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+        super().__init__(
+            params,
+            dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
+            curvature=curvature,
+            mode=mode,
+            alpha_min=alpha_min,
+            alpha_max=alpha_max,
+            history_size=history_size,
+        )

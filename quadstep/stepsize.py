@@ -1,0 +1,76 @@
+r"""The step-size rule: *how far* to go along ``d``.
+
+Along a direction ``d`` the mini-batch loss is modelled by the quadratic
+
+.. math::
+    q(\alpha) = L(\theta) + \alpha\, d^\top g + \tfrac12 \alpha^2\, d^\top C d,
+
+whose minimiser is :math:`\alpha^* = -d^\top g / d^\top C d`. It exists only when
+:math:`d^\top C d > 0` and :math:`d^\top g < 0`. Every other case is named by a
+status, and the rule falls back to the learning rate. All of it is done with
+tensor ops, so choosing the step never waits on the device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+#: Status names, by code. The order is the order of precedence, highest first,
+#: except ``ok`` (code 0): when several apply, the record shows the first.
+STATUSES: tuple[str, ...] = (
+    "ok",  # alpha* in [alpha_min, alpha_max], used as is
+    "non-finite-gradient",  # NaN/Inf in g: no step at all, state untouched
+    "zero-gradient",  # g = 0: alpha* = 0/0
+    "non-finite-curvature",  # NaN/Inf in dᵀg or dᵀCd
+    "not-descent",  # dᵀg >= 0: d does not go downhill on this batch
+    "non-positive-curvature",  # dᵀCd <= 0: the model has no minimum along d
+    "clipped-max",  # alpha* > alpha_max
+    "clipped-min",  # alpha* < alpha_min
+)
+STATUS_CODE: dict[str, int] = {name: code for code, name in enumerate(STATUSES)}
+#: Statuses under which alpha* exists (possibly clipped).
+DEFINED = ("ok", "clipped-max", "clipped-min")
+
+
+class StepSize(NamedTuple):
+    """What the rule decided for one step."""
+
+    alpha_star: Tensor  #: -dg / dCd, as computed (may be negative or inf)
+    alpha: Tensor  #: the clipped alpha* when defined, else NaN
+    defined: Tensor  #: bool: alpha* exists (status in DEFINED)
+    skip: Tensor  #: bool: no step at all (non-finite gradient)
+    status: Tensor  #: int64 code into STATUSES
+
+
+def quadratic_step(
+    dg: Tensor, dcd: Tensor, grad_sq: Tensor, alpha_min: float, alpha_max: float
+) -> StepSize:
+    r"""Minimiser of the quadratic model along ``d``, clipped, with its status.
+
+    Args:
+        dg: :math:`d^\top g`, summed over all parameters (0-dim).
+        dcd: :math:`d^\top C d`, summed over all parameters (0-dim).
+        grad_sq: :math:`g^\top g` (0-dim); NaN/Inf marks a non-finite gradient.
+        alpha_min, alpha_max: clipping range of the step size.
+    """
+    alpha_star = -dg / dcd
+    code = torch.zeros((), dtype=torch.int64, device=dg.device)
+    # Lowest precedence first: each later ``where`` overrides the earlier ones.
+    for name, condition in (
+        ("clipped-min", alpha_star < alpha_min),
+        ("clipped-max", alpha_star > alpha_max),
+        ("non-positive-curvature", dcd <= 0),
+        ("not-descent", dg >= 0),
+        ("non-finite-curvature", ~(torch.isfinite(dg) & torch.isfinite(dcd))),
+        ("zero-gradient", grad_sq == 0),
+        ("non-finite-gradient", ~torch.isfinite(grad_sq)),
+    ):
+        code = torch.where(condition, STATUS_CODE[name], code)
+    defined = code == STATUS_CODE["ok"]
+    for name in DEFINED[1:]:
+        defined = defined | (code == STATUS_CODE[name])
+    alpha = torch.where(defined, alpha_star.clamp(alpha_min, alpha_max), torch.nan)
+    return StepSize(alpha_star, alpha, defined, code == STATUS_CODE["non-finite-gradient"], code)
