@@ -1,0 +1,228 @@
+"""QuadraticLineSearchAdam against independent references: torch.optim.Adam/AdamW,
+closed-form quadratics, autograd Hessians; and the user's notebook bugs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from backpack import backpack, extend
+from torch import nn
+
+from quadstep import QuadraticLineSearchAdam
+
+DT = torch.float64
+
+
+def mlp(act: type[nn.Module] = nn.Tanh, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), act(), nn.Linear(6, 3)).to(DT)
+
+
+def batches(n_steps: int, seed: int = 1, n: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 4, generator=gen, dtype=DT), torch.randn(n, 3, generator=gen, dtype=DT)) for _ in range(n_steps)]
+
+
+def backpack_step(model: nn.Module, loss_fn: nn.Module, opt: QuadraticLineSearchAdam, x, y) -> None:
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    with backpack(opt.extension()):
+        loss.backward()
+    opt.step()
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def reference_adam_direction(grads: list[torch.Tensor], beta1=0.9, beta2=0.999, eps=1e-8) -> torch.Tensor:
+    """Adam's direction after len(grads) steps, by the textbook formula, moments including the last g."""
+    m = torch.zeros_like(grads[0])
+    v = torch.zeros_like(grads[0])
+    for g in grads:
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+    t = len(grads)
+    return -(m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_observe_mode_reproduces_adam_and_adamw_with_param_groups(weight_decay: float, curvature: str) -> None:
+    ours_model, ref_model = mlp(), mlp()
+    extend(ours_model)
+    loss_fn = extend(nn.MSELoss())
+    groups = lambda m: [  # noqa: E731
+        {"params": m[0].parameters(), "lr": 3e-2},
+        {"params": m[2].parameters(), "lr": 1e-2, "betas": (0.8, 0.99)},
+    ]
+    ours = QuadraticLineSearchAdam(groups(ours_model), weight_decay=weight_decay, mode="observe", curvature=curvature)
+    ref_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
+    ref = ref_cls(groups(ref_model), weight_decay=weight_decay)
+    for x, y in batches(25):
+        backpack_step(ours_model, loss_fn, ours, x, y)
+        ref.zero_grad()
+        nn.functional.mse_loss(ref_model(x), y).backward()
+        ref.step()
+        torch.testing.assert_close(flat_params(ours_model), flat_params(ref_model), rtol=1e-12, atol=1e-12)
+    for p, q in zip(ours_model.parameters(), ref_model.parameters()):
+        assert float(ours.state[p]["step"]) == float(ref.state[q]["step"]) == 25
+        torch.testing.assert_close(ours.state[p]["exp_avg"], ref.state[q]["exp_avg"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ours.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-12, atol=1e-14)
+    assert [float(a) for a in ours.history[-1].alphas] == [3e-2, 1e-2]
+
+
+def test_direction_includes_current_gradient_and_step_counts_once() -> None:
+    """Notebook bugs: d from moments *before* g entered them (d = 0 at t = 1), and a
+    step counter bumped by hand (bias correction with the wrong t)."""
+    model = extend(mlp())
+    loss_fn = extend(nn.MSELoss())
+    opt = QuadraticLineSearchAdam(model.parameters(), mode="observe", lr=1e-2)
+    grads: list[torch.Tensor] = []
+    for t, (x, y) in enumerate(batches(4), start=1):
+        opt.zero_grad()
+        with backpack(opt.extension()):
+            loss_fn(model(x), y).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+        opt.step()
+        d = reference_adam_direction(grads)
+        assert d.abs().min() > 0  # at t = 1 the stale-moment bug gives d = 0
+        torch.testing.assert_close(opt.history[-1].dg, d @ grads[-1], rtol=1e-10, atol=0)
+        assert all(float(opt.state[p]["step"]) == t for p in model.parameters())
+
+
+def test_scale_mode_moves_parameters_by_alpha_times_d_and_records_that_step() -> None:
+    """The recorded alpha* belongs to the step taken: Δθ = α·d with d from the current moments,
+    dg·α = Δθᵀg and dHd·α² = Δθᵀ H_blockdiag Δθ from autograd."""
+    model = extend(mlp(nn.Tanh))
+    loss_fn = extend(nn.MSELoss())
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature="hessian", alpha_max=float("inf"))
+    grads: list[torch.Tensor] = []
+    for x, y in batches(5):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        with backpack(opt.extension()):
+            loss_fn(model(x), y).backward()
+        g = [p.grad.clone() for p in model.parameters()]
+        grads.append(torch.cat([gi.reshape(-1) for gi in g]))
+        opt.step()
+        rec = opt.history[-1]
+        assert rec.status == "ok"
+        rec_alpha = float(rec.alpha)
+        assert rec_alpha == pytest.approx(float(rec.alpha_star))
+        delta = [p.detach() - b for p, b in zip(model.parameters(), before)]
+        d = reference_adam_direction(grads)
+        torch.testing.assert_close(torch.cat([x_.reshape(-1) for x_ in delta]), rec_alpha * d, rtol=1e-9, atol=1e-12)
+        dg_taken = sum(float((dl * gi).sum()) for dl, gi in zip(delta, g))
+        assert dg_taken == pytest.approx(float(rec.dg) * rec_alpha, rel=1e-9)
+        # block-diagonal Hessian quadratic form of the step actually taken, at θ before the step
+        hess_quad = 0.0
+        names = [n for n, _ in model.named_parameters()]
+        for i, name in enumerate(names):
+
+            def loss_of_block(w: torch.Tensor, i: int = i) -> torch.Tensor:
+                params = {n: (w if j == i else b) for j, (n, b) in enumerate(zip(names, before))}
+                return nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
+
+            h = torch.autograd.functional.hessian(loss_of_block, before[i]).reshape(before[i].numel(), -1)
+            hess_quad += float(delta[i].reshape(-1) @ h @ delta[i].reshape(-1))
+        assert hess_quad == pytest.approx(float(rec.dHd) * rec_alpha**2, rel=1e-8)
+
+
+def linear_problem(bias: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 5, generator=gen, dtype=DT)
+    if bias:
+        x = x - x.mean(0)  # centred inputs: no weight-bias cross curvature, block-diagonal = full
+    y = torch.randn(64, 2, generator=gen, dtype=DT)
+    torch.manual_seed(seed)
+    model = extend(nn.Linear(5, 2, bias=bias).to(DT))
+    return model, x, y
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "pch-clip", "pch-abs"])
+@pytest.mark.parametrize("mode", ["scale", "observe"])
+def test_exact_quadratic_alpha_star_is_closed_form_and_true_minimiser(bias: bool, curvature: str, mode: str) -> None:
+    model, x, y = linear_problem(bias)
+    loss_fn = extend(nn.MSELoss())
+    opt = QuadraticLineSearchAdam(model.parameters(), lr=1e-2, curvature=curvature, mode=mode, alpha_max=float("inf"))
+    for _ in range(3):
+        theta0 = [p.detach().clone() for p in model.parameters()]
+        backpack_step(model, loss_fn, opt, x, y)
+        rec = opt.history[-1]
+        # d recovered from the recorded step: Δθ = α d
+        d = [(p.detach() - t0) / float(rec.alpha) for p, t0 in zip(model.parameters(), theta0)]
+        # closed form: MSE(mean over n·k entries) has Hessian 2/(n k) x̃ᵀx̃ per output row, x̃ = [x, 1]
+        xt = torch.cat([x, torch.ones(len(x), 1, dtype=DT)], 1) if bias else x
+        w0 = torch.cat([theta0[0], theta0[1][:, None]], 1) if bias else theta0[0]
+        dw = torch.cat([d[0], d[1][:, None]], 1) if bias else d[0]
+        n, k = y.shape
+        residual = xt @ w0.T - y
+        grad = 2 / (n * k) * residual.T @ xt
+        dg = (dw * grad).sum()
+        dhd = 2 / (n * k) * ((xt @ dw.T) ** 2).sum()
+        torch.testing.assert_close(rec.dg, dg, rtol=1e-10, atol=0)
+        torch.testing.assert_close(rec.dHd, dhd, rtol=1e-10, atol=0)
+        torch.testing.assert_close(rec.alpha_star, -dg / dhd, rtol=1e-10, atol=0)
+
+        # true minimiser of the loss along d: the parabola through three evaluations
+        def loss_at(a: float) -> float:
+            w = w0 + a * dw
+            return float(((xt @ w.T - y) ** 2).mean())
+
+        h = float(rec.alpha_star)
+        l0, l1, l2 = loss_at(0.0), loss_at(h), loss_at(2 * h)
+        minimiser = h * (3 * l0 - 4 * l1 + l2) / (2 * (l0 - 2 * l1 + l2))
+        assert minimiser == pytest.approx(h, rel=1e-8)
+        assert loss_at(h) < min(loss_at(0.9 * h), loss_at(1.1 * h))
+
+
+def test_closure_path_equals_explicit_context() -> None:
+    a, b = extend(mlp()), extend(mlp())
+    loss_fn = extend(nn.MSELoss())
+    opt_a, opt_b = QuadraticLineSearchAdam(a.parameters()), QuadraticLineSearchAdam(b.parameters())
+    for x, y in batches(5):
+        backpack_step(a, loss_fn, opt_a, x, y)
+
+        def closure() -> torch.Tensor:
+            opt_b.zero_grad()
+            loss = loss_fn(b(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt_b.step(closure)
+        assert loss is not None and loss.ndim == 0
+        torch.testing.assert_close(flat_params(a), flat_params(b), rtol=0, atol=0)
+    assert [r.as_dict() for r in opt_a.history] == [r.as_dict() for r in opt_b.history]
+
+
+@pytest.mark.parametrize("mode", ["scale", "observe"])
+def test_resume_from_checkpoint_continues_like_uninterrupted_run(mode: str) -> None:
+    loss_fn = extend(nn.MSELoss())
+    data = batches(12)
+    full = extend(mlp())
+    opt_full = QuadraticLineSearchAdam(full.parameters(), mode=mode, weight_decay=0.01)
+    for x, y in data:
+        backpack_step(full, loss_fn, opt_full, x, y)
+
+    first = extend(mlp())
+    opt_first = QuadraticLineSearchAdam(first.parameters(), mode=mode, weight_decay=0.01)
+    for x, y in data[:5]:
+        backpack_step(first, loss_fn, opt_first, x, y)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt_first.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    resumed = extend(mlp(seed=123))  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(checkpoint["model"])
+    opt_resumed = QuadraticLineSearchAdam(resumed.parameters(), mode=mode, weight_decay=0.01)
+    opt_resumed.load_state_dict(checkpoint["opt"])
+    for x, y in data[5:]:
+        backpack_step(resumed, loss_fn, opt_resumed, x, y)
+
+    torch.testing.assert_close(flat_params(resumed), flat_params(full), rtol=0, atol=0)
+    assert [r.as_dict() for r in opt_resumed.history] == [r.as_dict() for r in opt_full.history]

@@ -1,0 +1,217 @@
+"""The error table of issue 2: bad input gets a clear error, and parameters stay untouched;
+numerical failures fall back and say why."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from backpack import backpack, extend
+from torch import nn
+
+from quadstep import QuadraticLineSearchAdam
+
+
+def model_and_loss(act: type[nn.Module] = nn.ReLU) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    return extend(nn.Sequential(nn.Linear(3, 4), act(), nn.Linear(4, 2))), extend(nn.MSELoss())
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, generator=gen), torch.randn(8, 2, generator=gen)
+
+
+def snapshot(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_unchanged(model: nn.Module, before: list[torch.Tensor]) -> None:
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": -1e-3}, r"Invalid learning rate: -0.001"),
+        ({"eps": -1e-8}, r"Invalid epsilon value: -1e-08"),
+        ({"eps": 0.0}, r"Invalid epsilon value: 0.0 \(must be > 0\)"),
+        ({"betas": (1.0, 0.999)}, r"Invalid beta parameter at index 0: 1.0"),
+        ({"betas": (0.9, -0.1)}, r"Invalid beta parameter at index 1: -0.1"),
+        ({"weight_decay": -0.1}, r"Invalid weight_decay value: -0.1"),
+        ({"curvature": "fisher"}, r"Invalid curvature: 'fisher' \(choose one of 'hessian', 'ggn', 'pch-clip', 'pch-abs'"),
+        ({"mode": "fast"}, r"Invalid mode: 'fast' \(choose one of 'scale', 'observe'\)"),
+        ({"alpha_min": -1.0}, r"Invalid alpha_min: -1.0"),
+        ({"alpha_min": 0.5, "alpha_max": 0.1}, r"alpha_min=0.5 > alpha_max=0.1"),
+        ({"alpha_max": math.nan}, r"alpha_max=nan"),
+        ({"history_size": 0}, r"Invalid history_size: 0"),
+    ],
+)
+def test_invalid_hyperparameters_name_the_value(kwargs: dict, message: str) -> None:
+    model, _ = model_and_loss()
+    with pytest.raises(ValueError, match=message):
+        QuadraticLineSearchAdam(model.parameters(), **kwargs)
+
+
+def test_step_without_backpack_context_raises_and_changes_nothing() -> None:
+    model, loss_fn = model_and_loss()
+    opt = QuadraticLineSearchAdam(model.parameters())
+    x, y = data()
+    loss_fn(model(x), y).backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"with backpack\(optimizer.extension\(\)\)"):
+        opt.step()
+    assert_unchanged(model, before)
+    assert len(opt.state) == 0 and len(opt.history) == 0
+
+
+def test_model_not_extended_raises_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    loss_fn = extend(nn.MSELoss())
+    opt = QuadraticLineSearchAdam(model.parameters())
+    x, y = data()
+    with backpack(opt.extension()):
+        loss_fn(model(x), y).backward()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"model = extend\(model\)"):
+        opt.step()
+    assert_unchanged(model, before)
+
+
+def test_loss_not_extended_says_how_to_fix() -> None:
+    model, _ = model_and_loss()
+    opt = QuadraticLineSearchAdam(model.parameters())
+    x, y = data()
+    with pytest.raises(RuntimeError, match=r"loss_fn = extend\(loss_fn\)"):
+        with backpack(opt.extension()):
+            nn.MSELoss()(model(x), y).backward()
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "pch-clip"])
+def test_unsupported_layer_is_named(curvature: str) -> None:
+    model, loss_fn = model_and_loss(nn.ELU)
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature)
+    x, y = data()
+    with pytest.raises(NotImplementedError, match=r"cannot handle layer ELU"):
+        with backpack(opt.extension()):
+            loss_fn(model(x), y).backward()
+
+
+def test_sparse_gradient_raises_and_changes_nothing() -> None:
+    weight = nn.Parameter(torch.randn(5, 2))
+    weight.grad = torch.sparse_coo_tensor([[0, 3]], torch.ones(2, 2), (5, 2))
+    opt = QuadraticLineSearchAdam([weight])
+    before = weight.detach().clone()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(weight.detach(), before)
+
+
+def backward(model: nn.Module, loss_fn: nn.Module, opt: QuadraticLineSearchAdam) -> None:
+    x, y = data()
+    opt.zero_grad()
+    with backpack(opt.extension()):
+        loss_fn(model(x), y).backward()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("mode", ["scale", "observe"])
+def test_non_finite_gradient_leaves_parameters_and_moments_untouched(bad: float, mode: str) -> None:
+    model, loss_fn = model_and_loss()
+    opt = QuadraticLineSearchAdam(model.parameters(), mode=mode, weight_decay=0.1)
+    backward(model, loss_fn, opt)
+    opt.step()  # a regular step first, so that moments are non-zero
+    backward(model, loss_fn, opt)
+    next(model.parameters()).grad[0, 0] = bad
+    before = snapshot(model)
+    moments = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    opt.step()
+    assert_unchanged(model, before)
+    for p, saved in zip(model.parameters(), moments):
+        for key, value in saved.items():
+            assert torch.equal(opt.state[p][key], value), key
+    rec = opt.history[-1]
+    assert rec.status == "non-finite-gradient" and float(rec.alpha) == 0.0
+    backward(model, loss_fn, opt)
+    opt.step()  # and training goes on
+    assert opt.history[-1].status in ("ok", "clipped-max", "clipped-min", "not-descent")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_gradient_on_first_step_keeps_state_at_zero() -> None:
+    model, loss_fn = model_and_loss()
+    opt = QuadraticLineSearchAdam(model.parameters())
+    backward(model, loss_fn, opt)
+    next(model.parameters()).grad.fill_(math.nan)
+    before = snapshot(model)
+    opt.step()
+    assert_unchanged(model, before)
+    for p in model.parameters():
+        assert float(opt.state[p]["step"]) == 0 and not opt.state[p]["exp_avg"].any()
+
+
+def patch_curvature(model: nn.Module, value: float) -> None:
+    """Replace BackPACK's product by value·I (or NaN), as if the curvature were that."""
+    for p in model.parameters():
+        p.hmp = lambda v, value=value: torch.full_like(v, math.nan) if math.isnan(value) else value * v
+
+
+@pytest.mark.parametrize(
+    "curvature_value, status",
+    [(math.nan, "non-finite-curvature"), (0.0, "non-positive-curvature"), (-2.0, "non-positive-curvature")],
+)
+def test_undefined_alpha_star_falls_back_to_lr(curvature_value: float, status: str) -> None:
+    model, loss_fn = model_and_loss()
+    opt = QuadraticLineSearchAdam(model.parameters(), lr=0.01)
+    backward(model, loss_fn, opt)
+    patch_curvature(model, curvature_value)
+    before = snapshot(model)
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    rec = opt.history[-1]
+    assert rec.status == status and float(rec.alpha) == pytest.approx(0.01)
+    for p, b, g in zip(model.parameters(), before, grads):  # first step: d = -g / (|g| + eps)
+        torch.testing.assert_close(p.detach(), b - 0.01 * g / (g.abs() + 1e-8))
+
+
+def test_not_descent_direction_falls_back_to_lr() -> None:
+    model, loss_fn = model_and_loss()
+    opt = QuadraticLineSearchAdam(model.parameters(), lr=0.01)
+    backward(model, loss_fn, opt)
+    first = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    backward(model, loss_fn, opt)
+    for p, g in zip(model.parameters(), first):  # momentum still points along the old g; the new g reverses it
+        p.grad.copy_(-0.01 * g)
+    opt.step()
+    rec = opt.history[-1]
+    assert float(rec.dg) > 0
+    assert rec.status == "not-descent" and float(rec.alpha) == pytest.approx(0.01)
+
+
+def test_zero_gradient_falls_back_to_lr() -> None:
+    model, loss_fn = model_and_loss()
+    opt = QuadraticLineSearchAdam(model.parameters(), lr=0.01)
+    backward(model, loss_fn, opt)
+    for p in model.parameters():
+        p.grad.zero_()
+    before = snapshot(model)
+    opt.step()
+    rec = opt.history[-1]
+    assert rec.status == "zero-gradient" and float(rec.alpha) == pytest.approx(0.01)
+    assert_unchanged(model, before)  # first step: m = 0, so d = 0
+
+
+@pytest.mark.parametrize("bounds, status", [((0.0, 1e-6), "clipped-max"), ((1e3, 1e4), "clipped-min")])
+def test_clipping_is_recorded(bounds: tuple[float, float], status: str) -> None:
+    model, loss_fn = model_and_loss()
+    opt = QuadraticLineSearchAdam(model.parameters(), alpha_min=bounds[0], alpha_max=bounds[1])
+    backward(model, loss_fn, opt)
+    opt.step()
+    rec = opt.history[-1]
+    assert rec.status == status
+    assert float(rec.alpha) == pytest.approx(bounds[1] if status == "clipped-max" else bounds[0])
+    assert float(rec.alpha) != float(rec.alpha_star)
