@@ -24,7 +24,7 @@ STATUSES: tuple[str, ...] = (
     "ok",  # alpha* in [alpha_min, alpha_max], used as is
     "non-finite-gradient",  # NaN/Inf in g: no step at all, state untouched
     "zero-gradient",  # g = 0: alpha* = 0/0
-    "non-finite-curvature",  # NaN/Inf in dᵀg or dᵀCd
+    "non-finite-curvature",  # NaN/Inf in dᵀg, dᵀCd or alpha* (dᵀCd so small that alpha* overflows)
     "not-descent",  # dᵀg >= 0: d does not go downhill on this batch
     "non-positive-curvature",  # dᵀCd <= 0: the model has no minimum along d
     "clipped-max",  # alpha* > alpha_max
@@ -64,7 +64,7 @@ def quadratic_step(
         ("clipped-max", alpha_star > alpha_max),
         ("non-positive-curvature", dcd <= 0),
         ("not-descent", dg >= 0),
-        ("non-finite-curvature", ~(torch.isfinite(dg) & torch.isfinite(dcd))),
+        ("non-finite-curvature", ~(torch.isfinite(dg) & torch.isfinite(dcd)) | ((dcd > 0) & alpha_star.isinf())),
         ("zero-gradient", grad_sq == 0),
         ("non-finite-gradient", ~torch.isfinite(grad_sq)),
     ):

@@ -161,7 +161,12 @@ def patch_curvature(model: nn.Module, value: float) -> None:
 
 @pytest.mark.parametrize(
     "curvature_value, status",
-    [(math.nan, "non-finite-curvature"), (0.0, "non-positive-curvature"), (-2.0, "non-positive-curvature")],
+    [
+        (math.nan, "non-finite-curvature"),
+        (1e-44, "non-finite-curvature"),  # positive, but alpha* = -dg/dHd overflows float32
+        (0.0, "non-positive-curvature"),
+        (-2.0, "non-positive-curvature"),
+    ],
 )
 def test_undefined_alpha_star_falls_back_to_lr(curvature_value: float, status: str) -> None:
     model, loss_fn = model_and_loss()
