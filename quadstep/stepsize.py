@@ -23,8 +23,9 @@ from torch import Tensor
 STATUSES: tuple[str, ...] = (
     "ok",  # alpha* in [alpha_min, alpha_max], used as is
     "non-finite-gradient",  # NaN/Inf in g: no step at all, state untouched
+    "non-finite-direction",  # NaN/Inf in d (fp16 underflow, SGD's d = -g): no step at all
     "zero-gradient",  # g = 0: alpha* = 0/0
-    "non-finite-curvature",  # NaN/Inf in dᵀg, dᵀCd or alpha* (dᵀCd so small that alpha* overflows)
+    "non-finite-curvature",  # NaN/Inf in dᵀCd, or dᵀCd so small that alpha* overflows
     "not-descent",  # dᵀg >= 0: d does not go downhill on this batch
     "non-positive-curvature",  # dᵀCd <= 0: the model has no minimum along d
     "clipped-max",  # alpha* > alpha_max
@@ -41,7 +42,7 @@ class StepSize(NamedTuple):
     alpha_star: Tensor  #: -dg / dCd, as computed (may be negative or inf)
     alpha: Tensor  #: the clipped alpha* when defined, else NaN
     defined: Tensor  #: bool: alpha* exists (status in DEFINED)
-    skip: Tensor  #: bool: no step at all (non-finite gradient)
+    skip: Tensor  #: bool: no step at all (non-finite gradient or direction)
     status: Tensor  #: int64 code into STATUSES
 
 
@@ -64,8 +65,9 @@ def quadratic_step(
         ("clipped-max", alpha_star > alpha_max),
         ("non-positive-curvature", dcd <= 0),
         ("not-descent", dg >= 0),
-        ("non-finite-curvature", ~(torch.isfinite(dg) & torch.isfinite(dcd)) | ((dcd > 0) & alpha_star.isinf())),
+        ("non-finite-curvature", ~torch.isfinite(dcd) | ((dcd > 0) & alpha_star.isinf())),
         ("zero-gradient", grad_sq == 0),
+        ("non-finite-direction", ~torch.isfinite(dg)),  # with a finite g, dᵀg is finite iff d is
         ("non-finite-gradient", ~torch.isfinite(grad_sq)),
     ):
         code = torch.where(condition, STATUS_CODE[name], code)
@@ -73,4 +75,5 @@ def quadratic_step(
     for name in DEFINED[1:]:
         defined = defined | (code == STATUS_CODE[name])
     alpha = torch.where(defined, alpha_star.clamp(alpha_min, alpha_max), torch.nan)
-    return StepSize(alpha_star, alpha, defined, code == STATUS_CODE["non-finite-gradient"], code)
+    skip = (code == STATUS_CODE["non-finite-gradient"]) | (code == STATUS_CODE["non-finite-direction"])
+    return StepSize(alpha_star, alpha, defined, skip, code)
