@@ -1,16 +1,16 @@
 """Records: what every step did, and why.
 
-A :class:`StepRecord` keeps its numbers as 0-dim tensors on the parameters'
-device, so that writing it costs no host synchronisation; ``float(rec.alpha)``
-reads one. :class:`History` is a bounded sequence of records with a summary,
-CSV export and a plot.
+A :class:`StepRecord` is one row of numbers on the parameters' device, so that
+writing it costs no host synchronisation; ``float(rec.alpha)`` reads one.
+:class:`History` keeps the rows in one preallocated ring buffer (no allocation
+per step, memory bounded by ``maxlen``) with a summary, CSV export and a plot.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -19,68 +19,123 @@ from typing import Any, overload
 import torch
 from torch import Tensor
 
-from .stepsize import STATUS_CODE, STATUSES
+from .stepsize import DEFINED, STATUSES
 
 #: The columns of :meth:`History.columns` and of the CSV file.
 COLUMNS = ("step", "alpha_star", "alpha", "dg", "dHd", "status")
+_ALPHA_STAR, _DG, _DHD, _STATUS, _GROUPS, _ALPHAS = range(6)  # positions in StepRecord.values
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    r"""One step of the line search.
+    r"""One step of the line search: ``values`` holds, in order, alpha*, dᵀg, dᵀCd, the
+    status code, the number of param groups and the step size used by each group.
 
-    Attributes:
-        step: 1-based count of ``step()`` calls.
+    Attributes (0-dim tensors, views of ``values``):
         alpha_star: :math:`-d^\top g / d^\top C d` as computed (NaN, inf or negative
             when undefined; ``status`` says why).
-        alphas: step size used by each param group (1-D tensor).
+        alpha: step size used by the first param group (all groups use the same one
+            when alpha* is used); ``alphas``: one per group.
         dg: :math:`d^\top g`, summed over every parameter with a gradient.
         dHd: :math:`d^\top C d` for the chosen curvature ``C``, summed likewise.
-        status_code: index into :data:`quadstep.stepsize.STATUSES`.
+        status: ``"ok"`` for a regular step, else why ``alpha`` differs from ``alpha_star``
+            (:data:`quadstep.stepsize.STATUSES`).
     """
 
-    step: int
-    alpha_star: Tensor
-    alphas: Tensor
-    dg: Tensor
-    dHd: Tensor
-    status_code: Tensor
+    step: int  #: 1-based count of ``step()`` calls
+    values: Tensor
+
+    @classmethod
+    def make(
+        cls, step: int, alpha_star: Tensor, alphas: Tensor, dg: Tensor, dHd: Tensor, status_code: Tensor
+    ) -> StepRecord:
+        """Pack the step's tensors into one row (tensor ops only: no host sync)."""
+        dtype = alpha_star.dtype
+        head = torch.stack([alpha_star, dg, dHd, status_code.to(dtype), torch.full_like(alpha_star, len(alphas))])
+        return cls(step, torch.cat([head, alphas.to(dtype)]))
+
+    @property
+    def alpha_star(self) -> Tensor:
+        return self.values[_ALPHA_STAR]
+
+    @property
+    def dg(self) -> Tensor:
+        return self.values[_DG]
+
+    @property
+    def dHd(self) -> Tensor:  # noqa: N802 (the name of the quantity)
+        return self.values[_DHD]
+
+    @property
+    def status_code(self) -> Tensor:
+        return self.values[_STATUS].long()
+
+    @property
+    def alphas(self) -> Tensor:
+        return self.values[_ALPHAS:][: int(self.values[_GROUPS])]
 
     @property
     def alpha(self) -> Tensor:
-        """Step size used by the first param group (all groups agree when alpha* is used)."""
-        return self.alphas[0]
+        return self.values[_ALPHAS]
 
     @property
     def status(self) -> str:
-        """``"ok"`` for a regular step, else why ``alpha`` differs from ``alpha_star``."""
-        return STATUSES[int(self.status_code)]
+        return STATUSES[int(self.values[_STATUS])]
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python values, one host sync."""
-        values = torch.stack(
-            [self.alpha_star, self.alpha, self.dg, self.dHd]
-        ).tolist()
-        return dict(zip(COLUMNS, [self.step, *values, self.status]))
+        """Plain Python values (one host sync)."""
+        v = self.values.tolist()
+        return dict(zip(COLUMNS, [self.step, v[_ALPHA_STAR], v[_ALPHAS], v[_DG], v[_DHD], STATUSES[int(v[_STATUS])]]))
 
 
 class History(Sequence[StepRecord]):
-    """The records of the last ``maxlen`` steps (all of them if ``maxlen`` is None)."""
+    """The records of the last ``maxlen`` steps (all of them if ``maxlen`` is None).
+
+    Records are appended once per step with consecutive step numbers; indexing returns
+    a copy, so a record read now keeps its values after the buffer wraps around.
+    """
 
     def __init__(self, maxlen: int | None = None) -> None:
         if maxlen is not None and maxlen < 1:
             raise ValueError(f"Invalid history_size: {maxlen} (use a positive int, or None to keep all)")
-        self._records: deque[StepRecord] = deque(maxlen=maxlen)
+        self._maxlen = maxlen
+        self._buffer: Tensor | None = None  # [capacity, width] ring buffer, NaN-padded rows
+        self._start = 0  # buffer row of the oldest record
+        self._len = 0
+        self._last_step = 0
 
     @property
     def maxlen(self) -> int | None:
-        return self._records.maxlen
+        return self._maxlen
 
     def append(self, record: StepRecord) -> None:
-        self._records.append(record)
+        if self._len and record.step != self._last_step + 1:
+            raise ValueError(f"records must have consecutive steps: {record.step} after {self._last_step}")
+        row = record.values
+        if self._buffer is None:
+            self._buffer = row.new_full((self._maxlen or 1024, len(row)), math.nan)
+        elif len(row) > self._buffer.shape[1] or (self._len == len(self._buffer) and self._maxlen is None):
+            rows = self._rows()  # widen (a param group was added) or grow (unbounded history)
+            capacity = len(self._buffer) * (1 if self._maxlen else 2)
+            self._buffer = row.new_full((capacity, max(len(row), rows.shape[1])), math.nan)
+            self._buffer[: len(rows), : rows.shape[1]] = rows
+            self._start = 0
+        capacity = len(self._buffer)
+        if self._len == capacity:  # full and bounded: overwrite the oldest
+            pos, self._start = self._start, (self._start + 1) % capacity
+        else:
+            pos, self._len = (self._start + self._len) % capacity, self._len + 1
+        self._buffer[pos, : len(row)] = row
+        self._buffer[pos, len(row) :] = math.nan
+        self._last_step = record.step
 
     def clear(self) -> None:
-        self._records.clear()
+        self._buffer, self._start, self._len = None, 0, 0
+
+    def _rows(self) -> Tensor:
+        """The records' rows, oldest first."""
+        assert self._buffer is not None
+        return torch.roll(self._buffer, -self._start, 0)[: self._len]
 
     @overload
     def __getitem__(self, index: int) -> StepRecord: ...
@@ -88,36 +143,35 @@ class History(Sequence[StepRecord]):
     def __getitem__(self, index: slice) -> list[StepRecord]: ...
     def __getitem__(self, index: int | slice) -> StepRecord | list[StepRecord]:
         if isinstance(index, slice):
-            return list(self._records)[index]
-        return self._records[index]
+            return [self[i] for i in range(*index.indices(self._len))]
+        if not -self._len <= index < self._len:
+            raise IndexError(f"history index {index} out of range ({self._len} records)")
+        index %= self._len
+        assert self._buffer is not None
+        row = self._buffer[(self._start + index) % len(self._buffer)].clone()
+        return StepRecord(self._last_step - self._len + 1 + index, row)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return self._len
 
     def __iter__(self) -> Iterator[StepRecord]:
-        return iter(self._records)
+        return (self[i] for i in range(self._len))
 
     def __repr__(self) -> str:
         return f"History({len(self)} records, maxlen={self.maxlen})"
 
     def columns(self) -> dict[str, list[Any]]:
         """All records as columns of Python values (one host sync for all of them)."""
-        recs = list(self._records)
-        if not recs:
+        if not self._len:
             return {name: [] for name in COLUMNS}
-        numbers = torch.stack(
-            [
-                torch.stack([getattr(r, name).double() for r in recs])
-                for name in ("alpha_star", "alpha", "dg", "dHd", "status_code")
-            ]
-        ).tolist()
+        rows = self._rows().double().T.tolist()
         return {
-            "step": [r.step for r in recs],
-            "alpha_star": numbers[0],
-            "alpha": numbers[1],
-            "dg": numbers[2],
-            "dHd": numbers[3],
-            "status": [STATUSES[int(c)] for c in numbers[4]],
+            "step": list(range(self._last_step - self._len + 1, self._last_step + 1)),
+            "alpha_star": rows[_ALPHA_STAR],
+            "alpha": rows[_ALPHAS],
+            "dg": rows[_DG],
+            "dHd": rows[_DHD],
+            "status": [STATUSES[int(c)] for c in rows[_STATUS]],
         }
 
     def summary(self) -> dict[str, Any]:
@@ -128,7 +182,7 @@ class History(Sequence[StepRecord]):
         """
         cols = self.columns()
         defined = [
-            a for a, s in zip(cols["alpha_star"], cols["status"]) if s in ("ok", "clipped-max", "clipped-min")
+            a for a, s in zip(cols["alpha_star"], cols["status"]) if s in DEFINED
         ]
         return {
             "steps": len(self),
@@ -172,7 +226,7 @@ class History(Sequence[StepRecord]):
         ok = [
             (t, a)
             for t, a, s in zip(cols["step"], cols["alpha_star"], cols["status"])
-            if s in ("ok", "clipped-max", "clipped-min") and a > 0
+            if s in DEFINED and a > 0
         ]
         if ok:
             ax.plot(*zip(*ok), ".", ms=3, label="α*")
@@ -187,35 +241,17 @@ class History(Sequence[StepRecord]):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values: the records survive ``torch.save``/``torch.load`` anywhere."""
-        recs = list(self._records)
-        alphas = torch.cat([r.alphas.double() for r in recs]).tolist() if recs else []
-        return {
-            "maxlen": self.maxlen,
-            "columns": self.columns(),
-            "alphas": alphas,
-            "groups": [len(r.alphas) for r in recs],
-        }
+        rows = self._rows().double().tolist() if self._len else []
+        return {"maxlen": self.maxlen, "last_step": self._last_step, "rows": rows}
 
     def load_state_dict(self, state: dict[str, Any], dtype: torch.dtype, device: torch.device) -> None:
         """Rebuild the records saved by :meth:`state_dict` as tensors of ``dtype`` on ``device``."""
-        self._records = deque(maxlen=state["maxlen"])
-        cols = state["columns"]
-        alphas = iter(state["alphas"])
-
-        def t(x: Any, dt: torch.dtype = dtype) -> Tensor:
-            return torch.tensor(x, dtype=dt, device=device)
-
-        for i, step in enumerate(cols["step"]):
-            self._records.append(
-                StepRecord(
-                    step=step,
-                    alpha_star=t(cols["alpha_star"][i]),
-                    alphas=t([next(alphas) for _ in range(state["groups"][i])]),
-                    dg=t(cols["dg"][i]),
-                    dHd=t(cols["dHd"][i]),
-                    status_code=t(STATUS_CODE[cols["status"][i]], torch.int64),
-                )
-            )
+        self._maxlen = state["maxlen"]
+        self.clear()
+        first = state["last_step"] - len(state["rows"]) + 1
+        for i, row in enumerate(state["rows"]):
+            values = torch.tensor(row, dtype=dtype, device=device)
+            self.append(StepRecord(first + i, values[: _ALPHAS + int(row[_GROUPS])]))
 
 
 def _stats(values: list[float]) -> dict[str, float]:

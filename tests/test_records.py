@@ -18,7 +18,7 @@ from quadstep.stepsize import STATUS_CODE
 
 def record(step: int, alpha_star: float, status: str, alpha: float = 0.1) -> StepRecord:
     t = torch.tensor
-    return StepRecord(step, t(alpha_star), t([alpha]), t(-1.0), t(2.0), t(STATUS_CODE[status]))
+    return StepRecord.make(step, t(alpha_star), t([alpha]), t(-1.0), t(2.0), t(STATUS_CODE[status]))
 
 
 def test_summary_matches_statistics_module_over_defined_alpha_star() -> None:
@@ -85,3 +85,37 @@ def test_plot_draws_alpha_star_and_reference_lr() -> None:
     ydata = [list(line.get_ydata()) for line in ax.get_lines()]
     assert ydata[0] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert [1e-3, 1e-3] in ydata
+
+
+def test_ring_buffer_wraps_grows_and_records_read_earlier_keep_their_values() -> None:
+    bounded, unbounded = History(maxlen=5), History()
+    held = None
+    for i in range(1, 2501):
+        for h in (bounded, unbounded):
+            h.append(record(i, float(i), "ok", alpha=0.5 * i))
+        if i == 3:
+            held = bounded[-1]
+    assert held is not None and held.step == 3 and float(held.alpha_star) == 3.0
+    assert [r.step for r in bounded] == [2496, 2497, 2498, 2499, 2500]
+    assert [float(r.alpha) for r in bounded] == [1248.0, 1248.5, 1249.0, 1249.5, 1250.0]
+    assert len(unbounded) == 2500  # past the initial capacity of 1024
+    assert unbounded.columns()["alpha_star"] == [float(i) for i in range(1, 2501)]
+    assert unbounded[1023].step == 1024 and float(unbounded[-1].alpha_star) == 2500.0
+    with pytest.raises(IndexError):
+        bounded[5]
+    with pytest.raises(ValueError, match="consecutive steps"):
+        bounded.append(record(7, 1.0, "ok"))
+
+
+def test_added_param_group_widens_records() -> None:
+    history = History(maxlen=3)
+    history.append(record(1, 0.1, "ok"))
+    t = torch.tensor
+    history.append(StepRecord.make(2, t(0.2), t([0.3, 0.4]), t(-1.0), t(2.0), t(STATUS_CODE["ok"])))
+    assert history[0].alphas.tolist() == pytest.approx([0.1])
+    assert history[1].alphas.tolist() == pytest.approx([0.3, 0.4])
+    state = history.state_dict()
+    restored = History()
+    restored.load_state_dict(state, torch.float32, torch.device("cpu"))
+    assert [r.as_dict() for r in restored] == [r.as_dict() for r in history]
+    assert restored.maxlen == 3 and restored[1].alphas.tolist() == pytest.approx([0.3, 0.4])
