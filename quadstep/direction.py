@@ -36,24 +36,32 @@ def adam(
     """
     beta1, beta2 = group["betas"]
     eps = group["eps"]
-    directions = []
-    for p, g, state in zip(params, grads, states):
+    for p, state in zip(params, states):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        step.add_(finite.to(step.dtype))
-        # lerp towards the value itself is an exact no-op: a non-finite g leaves m, v untouched.
-        m.lerp_(torch.where(finite, g, m), 1 - beta1)
-        v.lerp_(torch.where(finite, g * g, v), 1 - beta2)
-        # float64 scalars: 1 - 0.999**t in float32 is off by 1e-5 at t = 1.
-        # A skipped first step keeps t = 0; clamping gives d = 0 from m = 0.
-        t = step.double().clamp(min=1)
-        bias_correction1 = 1 - torch.pow(beta1, t)
-        bias_correction2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        directions.append(-(m / bias_correction1) / denom)
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, finite.to(torch.float32))
+    # A non-finite g enters as 0 with weight 0 (m) or with v scaled by 1 (v): both stay exactly as they were.
+    one = torch.ones((), dtype=torch.float64, device=finite.device)
+    weight1 = torch.where(finite, one * (1 - beta1), 0.0)
+    scale2 = torch.where(finite, one * beta2, 1.0)
+    # Bias corrections in float64: 1 - 0.999**t in float32 is off by 1e-5 at t = 1. A skipped
+    # first step keeps t = 0; clamping it to 1 gives d = 0 from m = 0.
+    # d = m / (k1·sqrt(v) + k2) with k1 = -(1-β1^t)/sqrt(1-β2^t), k2 = -(1-β1^t)·eps.
+    t = torch.stack(steps).double().clamp(min=1)
+    neg_bias_correction1 = torch.pow(beta1, t) - 1
+    k1 = neg_bias_correction1 / (1 - torch.pow(beta2, t)).sqrt()
+    k2 = neg_bias_correction1 * eps
+    directions = []
+    for i, (g, state) in enumerate(zip(grads, states)):
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        g = torch.where(finite, g, 0.0)
+        m.lerp_(g, weight1.to(m.dtype))
+        v.mul_(scale2.to(v.dtype)).addcmul_(g, g, value=1 - beta2)
+        denom = torch.addcmul(k2[i].to(v.dtype), v.sqrt(), k1[i].to(v.dtype))
+        directions.append(torch.div(m, denom))
     return directions
 
 
