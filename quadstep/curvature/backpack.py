@@ -1,7 +1,7 @@
 r"""Block-diagonal curvature along ``d`` from BackPACK's matrix-free products.
 
 During ``loss.backward()`` inside ``with backpack(ext):`` BackPACK stores on
-every parameter ``p`` of an ``extend``-ed model a closure (``p.hmp``, ``p.ggnmp``,
+every parameter ``p`` of an ``extend``-ed model a product (``p.hmp``, ``p.ggnmp``,
 ``p.pchmp``) that multiplies by that parameter's diagonal block ``C_pp`` of the
 Hessian, the generalised Gauss-Newton matrix or the positive-curvature Hessian.
 Summed over the blocks,
@@ -9,15 +9,55 @@ Summed over the blocks,
 .. math::  d^\top C d \approx \sum_p d_p^\top C_{pp}\, d_p,
 
 which drops every cross-parameter term of ``C``.
+
+Calling every product once costs :math:`O(L^2)` layer operations for ``L`` layers,
+each a chain of Jacobian products up to the loss *and back down*. Only the
+quadratic forms are needed here, and they need only the way up. BackPACK builds the
+curvature :math:`C_x` w.r.t. a layer's input ``x`` from the one w.r.t. its output ``z``,
+
+.. math::  C_x = J^\top C_z J + R,
+
+with :math:`J = \partial z / \partial x` and ``R`` the layer's residual (Hessian:
+:math:`\sum_i \partial^2 z_i/\partial x^2 \cdot \partial\ell/\partial z_i`; GGN: 0;
+PCH: the residual's diagonal clipped or made absolute), and the block of a parameter ``p``
+that ``z`` depends on linearly (Linear, Conv2d, BatchNorm1d) as
+:math:`C_{pp} = J_p^\top C_z J_p`. Hence, with the tangent :math:`u = J_p d_p`,
+
+.. math::
+    d_p^\top C_{pp} d_p = u^\top C_z u, \qquad
+    u^\top C_x u = (J u)^\top C_z (J u) + u^\top R\, u,
+
+so each tangent is pushed forward through the layers above it, collecting
+:math:`u^\top R u` on the way and :math:`u^\top H_\ell u` at the loss: half the work of the
+products, and the tangents of many parameters travel stacked, one batched Jacobian product
+per layer (a matmul for Linear, a mask for ReLU, a gather for MaxPool2d, BackPACK's
+derivatives for the other layers; a weight's tangent is the layer's own forward with ``d_p``
+as weight for Linear and Conv2d).
+
+The extensions are BackPACK's HMP/GGNMP/PCHMP; their module extensions are wrapped so that
+the products they save on the parameters (still callable as BackPACK's) also carry what the
+sweep needs. Two departures from BackPACK 1.7: the PCH residual is the one of the paper
+(BackPACK's multiplies it by :math:`\partial\ell/\partial z` twice, see ``_Traced._residual``),
+and layers whose curvature needs no gradients do not keep them alive. Models whose curvature
+does not flow along a single chain fall back to calling the products one by one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
+import torch
+from backpack import backpack
 from backpack.extensions import GGNMP, HMP, PCHMP
-from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.backprop_extension import FAIL_ERROR, BackpropExtension
+from backpack.extensions.curvmatprod.ggnmp.ggnmpbase import GGNMPBase
+from backpack.extensions.curvmatprod.pchmp.pchmpbase import PCHMPBase
+from backpack.extensions.module_extension import ModuleExtension
+from backpack.extensions.secondorder.base import SecondOrderBackpropExtension
+from backpack.utils.module_classification import is_loss
 from torch import Tensor, nn
 
 from ._common import dot
@@ -26,6 +66,197 @@ SUPPORTED_LAYERS = (
     "Linear, Conv2d, MaxPool2d, AvgPool2d, ZeroPad2d, Dropout, Flatten, ReLU, Sigmoid, Tanh, "
     "BatchNorm1d (not with PCHMP); losses MSELoss, CrossEntropyLoss"
 )
+
+MatProd = Callable[[Tensor], Tensor]
+#: ``(u, extra) ↦ (u_vᵀ R u_v per slice v or None where R = 0, J u)``, where ``J u`` gets ``extra``
+#: uninitialised slices appended for the tangents that enter above; at the loss ``(u_vᵀ H_ℓ u_v, None)``.
+Push = Callable[[Tensor, int], tuple[Tensor | None, Tensor | None]]
+
+
+class _Node:
+    """The product ``mat ↦ C_x mat`` that BackPACK passes to the layer below (still callable),
+    plus what pushes a tangent ``u`` of ``x`` one layer up.
+
+    Attributes:
+        parent: the node of the layer that consumes this layer's output; ``None`` at the loss.
+        depth: number of layers between here and the loss; ``None`` when the chain to a
+            loss node is broken (the fast path then does not use this node).
+        size: number of entries of ``x``, i.e. of one tangent.
+    """
+
+    __slots__ = ("product", "push", "parent", "depth", "size")
+
+    def __init__(self, product: MatProd, push: Push, parent: Any, depth: int | None, size: int) -> None:
+        self.product = product
+        self.push = push
+        self.parent = parent
+        self.depth = depth
+        self.size = size
+
+    def __call__(self, mat: Tensor) -> Tensor:
+        return self.product(mat)
+
+
+class _ParamProduct:
+    """BackPACK's ``mat ↦ C_pp mat`` for one parameter (still callable), plus the tangent
+    ``d ↦ J_p d`` (shape ``[1, *output]``) into the layer's output and the node that takes it."""
+
+    __slots__ = ("product", "tangent", "node")
+
+    def __init__(self, product: MatProd, tangent: MatProd, node: Any) -> None:
+        self.product = product
+        self.tangent = tangent
+        self.node = node
+
+    def __call__(self, mat: Tensor) -> Tensor:
+        return self.product(mat)
+
+
+def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
+    """:math:`a_v^\\top b_v` for every slice ``v`` of the leading dimension, in at least float32."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(dtype) * b.to(dtype)).flatten(start_dim=1).sum(1)
+
+
+def _grown(t: Tensor, extra: int) -> Tensor:
+    """``t`` with ``extra`` uninitialised slices appended along the leading dimension."""
+    return torch.cat([t, t.new_empty(extra, *t.shape[1:])]) if extra else t
+
+
+class _Traced(ModuleExtension):
+    """Wraps one of BackPACK's HMP/GGNMP/PCHMP module extensions: saves and passes on the same
+    products, as :class:`_ParamProduct` and :class:`_Node` that also know how to push tangents."""
+
+    def __init__(self, inner: ModuleExtension) -> None:
+        self.inner = inner
+        self.derivatives = inner.derivatives
+        super().__init__(params=[name for name in ("weight", "bias") if hasattr(inner, name)])
+
+    def __call__(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any) -> None:
+        """As BackPACK's, but where only a residual would read the gradients w.r.t. the layer's
+        input and output (the products hold them until released), they are not handed on."""
+        if not is_loss(module) and (
+            isinstance(self.inner, GGNMPBase) or self.derivatives.hessian_is_zero(module)
+        ):
+            g_inp = g_out = None
+        super().__call__(ext, module, g_inp, g_out)
+
+    def check_hyperparameters_module_extension(
+        self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any
+    ) -> None:
+        self.inner.check_hyperparameters_module_extension(ext, module, g_inp, g_out)
+
+    def backpropagate(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any) -> _Node:
+        if is_loss(module):
+            hessian = self.derivatives.make_hessian_mat_prod(module, g_inp, g_out)
+
+            def push_to_loss(u: Tensor, extra: int) -> tuple[Tensor | None, Tensor | None]:
+                return _rowwise_dot(u, hessian(u)), None
+
+            product = self.inner.backpropagate(ext, module, g_inp, g_out, backproped)
+            return _Node(product, push_to_loss, parent=None, depth=0, size=module.input0.numel())
+
+        residual = self._residual(ext, module, g_inp, g_out)
+        jacobian = self._jacobian(module, g_inp, g_out)
+
+        def push(u: Tensor, extra: int) -> tuple[Tensor | None, Tensor | None]:
+            form = None if residual is None else _rowwise_dot(u, residual(u))
+            return form, jacobian(u, extra)
+
+        if isinstance(self.inner, PCHMPBase):
+
+            def product(mat: Tensor) -> Tensor:
+                """``mat ↦ Jᵀ C_z J mat + R mat`` as PCHMPBase, with the residual of :meth:`_residual`."""
+                result = self.derivatives.jac_mat_prod(module, g_inp, g_out, mat)
+                result = self.derivatives.jac_t_mat_prod(module, g_inp, g_out, backproped(result))
+                return result if residual is None else result + residual(mat)
+
+        else:
+            product = self.inner.backpropagate(ext, module, g_inp, g_out, backproped)
+        chained = isinstance(backproped, _Node) and backproped.depth is not None
+        depth = backproped.depth + 1 if chained else None
+        return _Node(product, push, parent=backproped, depth=depth, size=module.input0.numel())
+
+    def _jacobian(self, module: nn.Module, g_inp: Any, g_out: Any) -> Callable[[Tensor, int], Tensor]:
+        """``(u, extra) ↦ J u`` with ``extra`` more slices (may overwrite ``u``): one matmul for
+        Linear, a mask for ReLU, a gather for MaxPool2d (both computed once), else BackPACK's."""
+        if type(module) is nn.Linear:
+
+            def linear(u: Tensor, extra: int) -> Tensor:
+                out = u.new_empty(u.shape[0] + extra, *u.shape[1:-1], module.weight.shape[0])
+                torch.matmul(u, module.weight.T, out=out[: u.shape[0]])
+                return out
+
+            return linear
+        if type(module) is nn.ReLU:
+            mask = functools.cache(lambda: module.input0 > 0)  # computed once for every group
+            return lambda u, extra: _grown(u.mul_(mask()), extra)
+        if type(module) is nn.MaxPool2d:
+            indices = functools.cache(lambda: self.derivatives.get_pooling_idx(module).flatten(2))
+
+            def max_pool(u: Tensor, extra: int) -> Tensor:
+                index = indices().unsqueeze(0).expand(u.shape[0], -1, -1, -1)
+                return _grown(u.flatten(3).gather(3, index).reshape(u.shape[0], *module.output.shape), extra)
+
+            return max_pool
+        return lambda u, extra: _grown(self.derivatives.jac_mat_prod(module, g_inp, g_out, u), extra)
+
+    def _residual(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any) -> MatProd | None:
+        """``u ↦ R u``, or None where ``R = 0``.
+
+        Hessian: BackPACK's residual; GGN: none; PCH: the diagonal residual
+        :math:`f''(x) \\odot \\partial\\ell/\\partial z` of an element-wise layer, clipped at 0 or
+        made absolute. BackPACK 1.7's PCHMP multiplies that diagonal by :math:`\\partial\\ell/\\partial z`
+        a second time (``hessian_diagonal`` already includes it), which makes its PCH smaller
+        than the Hessian it should bound; the PCH products saved here use the residual above.
+        """
+        if isinstance(self.inner, GGNMPBase) or self.derivatives.hessian_is_zero(module):
+            return None
+        if isinstance(self.inner, PCHMPBase):
+            if not self.derivatives.hessian_is_diagonal(module):
+                raise ValueError("Only linear or element-wise operations supported.")
+            modify = self.inner.modifications[ext.get_modification_mode()]
+            diagonal = modify(self.derivatives.hessian_diagonal(module, g_inp, g_out))
+            return lambda u: diagonal * u
+        return lambda u: self.derivatives.residual_mat_prod(module, g_inp, g_out, u)
+
+    def weight(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any) -> _ParamProduct:
+        product = self.inner.weight(ext, module, g_inp, g_out, backproped)
+
+        def tangent(d: Tensor) -> Tensor:
+            """The layer's output with ``d`` for its weight and no bias (it is linear in the weight)."""
+            if type(module) is nn.Linear:
+                return nn.functional.linear(module.input0, d).unsqueeze(0)
+            if type(module) is nn.Conv2d and module.padding_mode == "zeros":
+                m = module
+                out = nn.functional.conv2d(m.input0, d, None, m.stride, m.padding, m.dilation, m.groups)
+                return out.unsqueeze(0)
+            return self.derivatives.weight_jac_mat_prod(module, g_inp, g_out, d.unsqueeze(0))
+
+        return _ParamProduct(product, tangent, backproped)
+
+    def bias(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any) -> _ParamProduct:
+        product = self.inner.bias(ext, module, g_inp, g_out, backproped)
+
+        def tangent(d: Tensor) -> Tensor:
+            return self.derivatives.bias_jac_mat_prod(module, g_inp, g_out, d.unsqueeze(0))
+
+        return _ParamProduct(product, tangent, backproped)
+
+
+class _Traceable(SecondOrderBackpropExtension):
+    """Placed after HMP/GGNMP/PCHMP in the method resolution order, so that their constructors
+    hand it the module extensions they register: each is wrapped in :class:`_Traced`."""
+
+    def __init__(
+        self,
+        savefield: str,
+        module_exts: dict[type[nn.Module], ModuleExtension],
+        fail_mode: str = FAIL_ERROR,
+        subsampling: list[int] | None = None,
+    ) -> None:
+        traced = {module: _Traced(ext) for module, ext in module_exts.items()}
+        super().__init__(savefield, traced, fail_mode=fail_mode, subsampling=subsampling)
 
 
 class _ClearErrors:
@@ -51,20 +282,21 @@ class _ClearErrors:
             ) from err
 
 
-class _HMP(_ClearErrors, HMP):
+class _HMP(_ClearErrors, HMP, _Traceable):
     pass
 
 
-class _GGNMP(_ClearErrors, GGNMP):
+class _GGNMP(_ClearErrors, GGNMP, _Traceable):
     pass
 
 
-class _PCHMP(_ClearErrors, PCHMP):
+class _PCHMP(_ClearErrors, PCHMP, _Traceable):
     pass
 
 
 class BackpackCurvature:
-    """Reads :math:`d_p^\\top C_{pp} d_p` from the closure BackPACK saved on each parameter.
+    """Reads :math:`d_p^\\top C_{pp} d_p` from the products BackPACK saved on each parameter,
+    by one forward sweep of tangents where the layers form a chain (see the module docstring).
 
     Args:
         name: ``"hessian"`` (HMP), ``"ggn"`` (GGNMP), ``"pch-clip"`` or ``"pch-abs"``
@@ -77,6 +309,10 @@ class BackpackCurvature:
         "pch-clip": (_PCHMP, "pchmp", {"modify": "clip"}),
         "pch-abs": (_PCHMP, "pchmp", {"modify": "abs"}),
     }
+    #: The curvature names this class serves.
+    NAMES: tuple[str, ...] = tuple(_EXTENSIONS)
+    #: Its terms are already the per-parameter values d_pᵀC_pp d_p.
+    BLOCK_DIAGONAL = True
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -85,6 +321,10 @@ class BackpackCurvature:
     def extension(self) -> BackpropExtension:
         """The BackPACK extension to run ``loss.backward()`` under."""
         return self._cls(savefield=self.savefield, **self._kwargs)
+
+    def context(self) -> AbstractContextManager[Any]:
+        """What a closure's ``loss.backward()`` runs under: ``backpack(extension())``."""
+        return backpack(self.extension())
 
     def check_ready(self, params: Sequence[Tensor]) -> None:
         """Raise before anything changes if a parameter has no curvature product."""
@@ -101,13 +341,88 @@ class BackpackCurvature:
 
     def quadratic_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
         """:math:`d_p^\\top C_{pp} d_p` for every parameter ``p`` (0-dim tensors)."""
-        return [
-            dot(d, getattr(p, self.savefield)(d.unsqueeze(0)).squeeze(0))
-            for p, d in zip(params, directions)
-        ]
+        products = [getattr(p, self.savefield) for p in params]
+        forms = _sweep(products, directions)
+        if forms is not None:
+            return forms
+        return [dot(d, product(d.unsqueeze(0)).squeeze(0)) for product, d in zip(products, directions)]
 
     def release(self, params: Sequence[Tensor]) -> None:
-        """Drop the closures: they hold the autograd graph, and must never be reused."""
+        """Drop the products: they hold the autograd graph, and must never be reused."""
         for p in params:
             if hasattr(p, self.savefield):
                 delattr(p, self.savefield)
+
+
+def _sweep(products: Sequence[Any], directions: Sequence[Tensor]) -> list[Tensor] | None:
+    r"""All :math:`d_p^\top C_{pp} d_p` by forward sweeps of stacked tangents, or None when a
+    product is not a :class:`_ParamProduct` or the layers do not form one chain to a loss.
+
+    The tangents travel in groups of consecutive layers, each group holding at most a quarter
+    as many entries as the parameters have (or one tangent), so that the two stacks alive
+    during a push never outgrow half the parameter count; each group starts at its deepest layer.
+    """
+    if not products or not all(isinstance(p, _ParamProduct) and isinstance(p.node, _Node) for p in products):
+        return None
+    if any(p.node.depth is None for p in products):
+        return None
+    start = max((p.node for p in products), key=lambda node: node.depth)
+    chain = [start]
+    while chain[-1].parent is not None:
+        chain.append(chain[-1].parent)
+    position = {id(node): k for k, node in enumerate(chain)}
+    if any(id(p.node) not in position for p in products):
+        return None
+
+    order = sorted(range(len(products)), key=lambda i: position[id(products[i].node)])
+    budget = max(sum(d.numel() for d in directions) // 4, max(p.node.size for p in products))
+    groups: list[list[int]] = [[]]
+    held = 0
+    for i in order:
+        size = products[i].node.size
+        if groups[-1] and held + size > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append(i)
+        held += size
+
+    dtype = torch.promote_types(directions[0].dtype, torch.float32)
+    forms: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for group in groups:
+            deepest = position[id(products[group[0]].node)]
+            values = _push_through(chain[deepest:], group, products, directions, dtype)
+            forms.update(zip(group, values.unbind(0)))
+    return [forms[i] for i in range(len(products))]
+
+
+def _push_through(
+    chain: list[_Node],
+    group: list[int],
+    products: Sequence[_ParamProduct],
+    directions: Sequence[Tensor],
+    dtype: torch.dtype,
+) -> Tensor:
+    """One sweep along ``chain`` (from the group's deepest node to the loss) with the tangents of
+    the parameters ``group`` (in chain order); returns their forms in that order.
+
+    Row ``r`` of the stack is parameter ``group[r]``'s tangent. Rows enter below the stack as the
+    sweep passes their layer and never move, so the forms of a push with ``V`` rows add to the
+    first ``V`` entries.
+    """
+    entering: dict[int, list[int]] = {}
+    for i in group:
+        entering.setdefault(id(products[i].node), []).append(i)
+    totals = directions[0].new_zeros(len(group), dtype=dtype)
+    first = entering[id(chain[0])]
+    u: Tensor | None = torch.cat([products[i].tangent(directions[i]) for i in first])
+    rows = len(first)
+    for node, above in zip(chain, [*chain[1:], None]):
+        new = entering.get(id(above), [])
+        form, u = node.push(u, len(new))
+        if form is not None:
+            totals[: form.shape[0]] += form
+        for i in new:
+            u[rows] = products[i].tangent(directions[i])[0]
+            rows += 1
+    return totals
