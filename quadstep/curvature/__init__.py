@@ -1,24 +1,42 @@
 """Curvature queries: *how curved* the loss is along ``d``.
 
-A query returns :math:`d_p^\\top C_{pp} d_p` for every parameter block ``p``;
-their sum is the ``dHd`` of the step-size rule.
+A query returns terms whose sum is :math:`d^\\top C d`: one per parameter block
+``p``, :math:`d_p^\\top C_{pp} d_p`, for BackPACK's block-diagonal products
+(:mod:`.backpack`), one for the whole matrix for the exact options (:mod:`.exact`).
 """
 
 from __future__ import annotations
 
+from torch import nn
+
 from .backpack import BackpackCurvature
+from .exact import ExactCurvature
 
 #: Valid values of the optimizers' ``curvature`` argument.
-CURVATURES: tuple[str, ...] = ("hessian", "ggn", "pch-clip", "pch-abs")
+CURVATURES: tuple[str, ...] = BackpackCurvature.NAMES + ExactCurvature.NAMES
+#: The curvatures that evaluate the model along d and need ``model=`` and ``loss_fn=``.
+EXACT_CURVATURES: tuple[str, ...] = ExactCurvature.NAMES
 
-Curvature = BackpackCurvature
+Curvature = BackpackCurvature | ExactCurvature
 
 
-def make_curvature(name: str) -> Curvature:
-    """The curvature query called ``name`` (one of :data:`CURVATURES`)."""
+def make_curvature(name: str, model: nn.Module | None = None, loss_fn: nn.Module | None = None) -> Curvature:
+    """The curvature query called ``name`` (one of :data:`CURVATURES`).
+
+    ``model`` and ``loss_fn`` are required by :data:`EXACT_CURVATURES` and unused by the others.
+    """
     if name not in CURVATURES:
         raise ValueError(f"Invalid curvature: {name!r} (choose one of {', '.join(map(repr, CURVATURES))})")
+    if name in EXACT_CURVATURES:
+        return ExactCurvature(name, model, loss_fn)
     return BackpackCurvature(name)
 
 
-__all__ = ["CURVATURES", "BackpackCurvature", "Curvature", "make_curvature"]
+__all__ = [
+    "CURVATURES",
+    "EXACT_CURVATURES",
+    "BackpackCurvature",
+    "Curvature",
+    "ExactCurvature",
+    "make_curvature",
+]
