@@ -30,7 +30,6 @@ from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor
 
 from .curvature import BackpackCurvature
-from .curvature._common import dot
 from .optimizer import QuadraticLineSearch
 
 #: Attribute prefix of the products a probe asks BackPACK to store.
@@ -104,19 +103,9 @@ def preview_directions(optimizer: QuadraticLineSearch) -> tuple[list[Tensor], li
     gradients now in ``p.grad``; the optimizer is left untouched. Costs one copy of
     the direction's state (Adam: both moments).
     """
-    params: list[Tensor] = []
-    groups = []
-    for group in optimizer.param_groups:
-        ps = [p for p in group["params"] if p.grad is not None]
-        params += ps
-        groups.append((group, ps))
+    groups = optimizer._groups_with_grads()
+    params = [p for _, ps in groups for p in ps]
     if not params:
         return [], []
-    device = params[0].device
-    grad_sq = torch.stack([dot(p.grad, p.grad).to(device) for p in params]).sum()
-    finite = torch.isfinite(grad_sq)
-    directions: list[Tensor] = []
-    for group, ps in groups:
-        states = [copy.deepcopy(optimizer.state.get(p, {})) for p in ps]
-        directions += optimizer.direction(group, ps, [p.grad for p in ps], states, finite)
+    directions, _ = optimizer._directions(groups, lambda p: copy.deepcopy(optimizer.state.get(p, {})))
     return params, directions

@@ -7,16 +7,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from backpack import backpack
 from backpack.extensions.backprop_extension import BackpropExtension
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import direction as directions
 from .curvature import CURVATURES, make_curvature
 from .curvature._common import dot
 from .records import History, StepRecord
-from .stepsize import quadratic_step
+from .stepsize import StepSize, quadratic_step
 
 MODES = ("scale", "observe")
 
@@ -46,6 +45,9 @@ class QuadraticLineSearch(Optimizer):
         alpha_min: float,
         alpha_max: float,
         history_size: int | None,
+        model: nn.Module | None = None,
+        loss_fn: nn.Module | None = None,
+        per_block: bool = False,
     ) -> None:
         lr = defaults["lr"]
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -71,7 +73,8 @@ class QuadraticLineSearch(Optimizer):
         self.alpha_min = float(alpha_min)
         self.alpha_max = float(alpha_max)
         self.history = History(history_size)
-        self._curvature = make_curvature(curvature)
+        self.per_block = bool(per_block)
+        self._curvature = make_curvature(curvature, model, loss_fn)
         self._steps = 0
 
     def extension(self) -> BackpropExtension:
@@ -84,16 +87,73 @@ class QuadraticLineSearch(Optimizer):
 
         Args:
             closure: optional; re-evaluates the model and calls ``loss.backward()``.
-                It runs inside the BackPACK context of :meth:`extension`.
+                It runs inside the BackPACK context of :meth:`extension` (none for the
+                exact curvatures).
 
         Returns:
             The closure's loss, or None.
         """
         loss = None
         if closure is not None:
-            with torch.enable_grad(), backpack(self.extension()):
+            with torch.enable_grad(), self._curvature.context():
                 loss = closure()
+        groups = self._groups_with_grads()
+        params = [p for _, ps in groups for p in ps]
+        if not params:
+            return loss
+        self._curvature.check_ready(params)  # raises before any state changes
 
+        # 1. The direction, from state that now includes g.
+        ds, grad_sq = self._directions(groups, self.state.__getitem__)
+        grads = [p.grad for p in params]
+        block_dg = torch.stack([dot(d, g).to(grad_sq.device) for d, g in zip(ds, grads)])
+        dg = block_dg.sum()
+
+        # 2. The curvature along it: terms summing to dᵀCd (and d_pᵀC_pp d_p per block).
+        terms = self._curvature.quadratic_forms(params, ds)
+        blocks: list[Tensor] = []
+        if self.per_block:
+            blocks = terms if self._curvature.BLOCK_DIAGONAL else self._curvature.block_quadratic_forms(params, ds)
+        self._curvature.release(params)
+        values = self._average_over_ranks(torch.stack([v.to(dg.device) for v in terms + blocks]))
+        dcd, block_dcd = values[: len(terms)].sum(), values[len(terms) :]
+
+        # 3. The step size; the mode only decides which scalar multiplies d.
+        rule = quadratic_step(dg, dcd, grad_sq, self.alpha_min, self.alpha_max)
+        block_rule = quadratic_step(block_dg, block_dcd, grad_sq, self.alpha_min, self.alpha_max) if blocks else None
+        use_alpha_star = self.mode == "scale"
+
+        def chosen(step: StepSize, lr: float | Tensor) -> Tensor:
+            alpha = torch.where(step.defined & use_alpha_star, step.alpha, lr)
+            return torch.where(rule.skip, 0.0, alpha)
+
+        alphas = []
+        k = 0  # index of the parameter in params, ds and the block values
+        for group, ps in groups:
+            lr = group["lr"]
+            alphas.append(chosen(rule, lr))
+            block_alphas = chosen(block_rule, lr) if block_rule is not None else None
+            wd = group["weight_decay"] if self.decoupled_weight_decay else 0.0
+            # ones_like * (...), not full_like: a tensor lr would be read on the host
+            shrink = torch.where(rule.skip, 1.0, torch.ones_like(dg) * (1.0 - lr * wd))
+            for p in ps:
+                d = torch.where(rule.skip, 0.0, ds[k])  # 0·NaN is NaN: a skipped step must not touch θ
+                alpha = alphas[-1]
+                if block_alphas is not None:
+                    alpha = self.state[p]["block_alpha"] = block_alphas[k]
+                if wd != 0:
+                    p.mul_(shrink.to(p.dtype))
+                p.addcmul_(d, alpha.to(p.dtype))
+                k += 1
+
+        self._steps += 1
+        self.history.append(
+            StepRecord.make(self._steps, rule.alpha_star, torch.stack(alphas), dg, dcd, rule.status)
+        )
+        return loss
+
+    def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """Each param group with its parameters that have a (dense) gradient."""
         groups = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -105,69 +165,43 @@ class QuadraticLineSearch(Optimizer):
                         "nn.Embedding(..., sparse=False)."
                     )
             groups.append((group, params))
+        return groups
+
+    def _directions(
+        self, groups: list[tuple[dict[str, Any], list[Tensor]]], state_of: Callable[[Tensor], dict[str, Any]]
+    ) -> tuple[list[Tensor], Tensor]:
+        """The direction of every parameter, updating the states ``state_of(p)``; and gᵀg.
+
+        A non-finite gᵀg marks a gradient with NaN/Inf: the states are then left as they were.
+        """
         params = [p for _, ps in groups for p in ps]
-        if not params:
-            return loss
-        self._curvature.check_ready(params)  # raises before any state changes
         device = params[0].device
-
-        def total(values: list[Tensor]) -> Tensor:
-            return torch.stack([v.to(device) for v in values]).sum()
-
-        grads = [p.grad for p in params]
-        grad_sq = total([dot(g, g) for g in grads])
+        grad_sq = torch.stack([dot(p.grad, p.grad).to(device) for p in params]).sum()
         finite = torch.isfinite(grad_sq)
-
         ds: list[Tensor] = []
         for group, ps in groups:
-            states = [self.state[p] for p in ps]
-            ds += self.direction(group, ps, [p.grad for p in ps], states, finite)
-
-        dg = total([dot(d, g) for d, g in zip(ds, grads)])
-        block_dcd = torch.stack([q.to(device) for q in self._curvature.quadratic_forms(params, ds)])
-        self._curvature.release(params)
-        dcd = self._average_over_ranks(block_dcd).sum()
-        rule = quadratic_step(dg, dcd, grad_sq, self.alpha_min, self.alpha_max)
-
-        # The one place where the mode matters: which scalar multiplies d.
-        use_alpha_star = rule.defined & (self.mode == "scale")
-        alphas = []
-        i = 0
-        for group, ps in groups:
-            lr = group["lr"]
-            alpha = torch.where(rule.skip, 0.0, torch.where(use_alpha_star, rule.alpha, lr))
-            wd = group["weight_decay"] if self.decoupled_weight_decay else 0.0
-            shrink = torch.where(rule.skip, 1.0, torch.full_like(dg, 1.0 - lr * wd))
-            for p, d in zip(ps, ds[i : i + len(ps)]):
-                if wd != 0:
-                    p.mul_(shrink.to(p.dtype))
-                p.addcmul_(d, alpha.to(p.dtype))
-            i += len(ps)
-            alphas.append(alpha)
-
-        self._steps += 1
-        self.history.append(
-            StepRecord(
-                step=self._steps,
-                alpha_star=rule.alpha_star,
-                alphas=torch.stack(alphas),
-                dg=dg,
-                dHd=dcd,
-                status_code=rule.status,
-            )
-        )
-        return loss
+            ds += self.direction(group, ps, [p.grad for p in ps], [state_of(p) for p in ps], finite)
+        return ds, grad_sq
 
     @staticmethod
     def _average_over_ranks(values: Tensor) -> Tensor:
-        """Average over data-parallel ranks, as DDP averages gradients: one all-reduce per step.
+        r"""Average the block values :math:`d_p^\top C_{pp} d_p` over ranks: one all-reduce per step.
 
-        Each rank's curvature covers its local batch only, while g (hence d and dᵀg)
-        is already averaged by DDP.
+        DDP averages g, so d and dᵀg already agree on every rank; each rank's
+        curvature covers its local batch only. Averaging it like g gives every rank
+        the curvature of :math:`\frac1R \sum_r L_r`, the objective DDP's gradient
+        belongs to, hence the same alpha and the same step (with equal local batch
+        sizes: the global batch's mean loss). Automatic whenever the default process
+        group is initialised with more than one rank, as DDP's averaging is: without
+        it the replicas pick different alphas and silently drift apart. Every rank
+        must call ``step()`` (it is a collective). SUM then divide: ``ReduceOp.AVG``
+        exists on NCCL only. No host synchronisation.
         """
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(values)
-            values = values / torch.distributed.get_world_size()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            values = values.clone()  # all_reduce works in place
+            dist.all_reduce(values)
+            values = values / dist.get_world_size()
         return values
 
     def state_dict(self) -> dict[str, Any]:
@@ -192,7 +226,8 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
     r"""Adam's direction, scaled by the minimiser of the local quadratic model along it.
 
     At every step, with mini-batch gradient :math:`g` and curvature matrix
-    :math:`C` (block-diagonal over parameter tensors, from BackPACK):
+    :math:`C` (block-diagonal over parameter tensors from BackPACK, or the full
+    GGN/Hessian for the exact options):
 
     .. math::
         m_t &= \beta_1 m_{t-1} + (1-\beta_1) g, \qquad
@@ -221,7 +256,10 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
             gradient entry that was always zero (default: 1e-8).
         weight_decay: decoupled weight decay λ, as in AdamW (default: 0).
         curvature: ``"hessian"`` (BackPACK HMP), ``"ggn"`` (GGNMP), ``"pch-clip"`` or
-            ``"pch-abs"`` (PCHMP with modify clip/abs) (default: "hessian").
+            ``"pch-abs"`` (PCHMP with modify clip/abs): block-diagonal, need ``extend()``
+            and the BackPACK context; ``"ggn-exact"`` or ``"hessian-exact"``: the full
+            matrix along d, any ``nn.Module``, plain ``loss.backward()``, need ``model``
+            and ``loss_fn`` (see :mod:`quadstep.curvature.exact`) (default: "hessian").
         mode: ``"scale"`` steps with alpha*, ``"observe"`` steps with lr (default: "scale").
         alpha_min: lower clip of alpha (default: 0: the model's verdict that a small
             step is best is kept).
@@ -231,6 +269,20 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
             quadratic model is an extrapolation. The bound catches a curvature that is
             nearly zero along d; ``math.inf`` disables it.
         history_size: number of most recent records kept, None for all (default: 10000).
+        model: the network, required by the exact curvatures (unused by the others).
+            The optimizer watches its forward with hooks, so the loop stays that of
+            ``torch.optim.Adam``: the exact curvature needs the batch, and the hooks
+            take it from the forward the user runs anyway instead of asking for a
+            closure or a changed ``step(x, y)`` signature (default: None).
+        loss_fn: the loss module called as ``loss_fn(model(x), y)``, required by the
+            exact curvatures; ``"ggn-exact"`` needs ``nn.CrossEntropyLoss`` or
+            ``nn.MSELoss`` (default: None).
+        per_block: step each parameter tensor ``p`` with its own
+            :math:`\alpha_p^* = -d_p^\top g_p / d_p^\top C_{pp} d_p`, clipped and with the
+            same fallbacks; the records keep the global values, the step size used is
+            left in ``state[p]["block_alpha"]``. Free with BackPACK (its values are per
+            block); the exact curvatures need one extra pass per parameter tensor for
+            the diagonal blocks :math:`C_{pp}` of the full matrix (default: False).
 
     Example:
         >>> model, loss_fn = extend(model), extend(nn.MSELoss())
@@ -239,6 +291,13 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         ...     loss_fn(model(x), y).backward()
         >>> opt.step()
         >>> float(opt.history[-1].alpha_star)
+
+        Exact curvature, any model, Adam's loop:
+
+        >>> opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact",
+        ...                               model=model, loss_fn=loss_fn)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.step()
     """
 
     direction = staticmethod(directions.adam)
@@ -257,6 +316,9 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         alpha_min: float = ALPHA_MIN,
         alpha_max: float = ALPHA_MAX,
         history_size: int | None = 10_000,
+        model: nn.Module | None = None,
+        loss_fn: nn.Module | None = None,
+        per_block: bool = False,
     ) -> None:
         if not 0.0 < eps:
             raise ValueError(f"Invalid epsilon value: {eps} (must be > 0)")
@@ -271,6 +333,9 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
             alpha_min=alpha_min,
             alpha_max=alpha_max,
             history_size=history_size,
+            model=model,
+            loss_fn=loss_fn,
+            per_block=per_block,
         )
 
 
@@ -291,7 +356,7 @@ class QuadraticLineSearchSGD(QuadraticLineSearch):
         dampening: dampening τ for momentum (default: 0).
         weight_decay: L2 penalty λ added to the gradient (default: 0).
         nesterov: Nesterov momentum (default: False).
-        curvature, mode, alpha_min, alpha_max, history_size: as in
+        curvature, mode, alpha_min, alpha_max, history_size, model, loss_fn, per_block: as in
             :class:`QuadraticLineSearchAdam`. SGD's direction has the scale of the
             gradient, not about 1 per entry, so the default ``alpha_max`` is ``math.inf``.
     """
@@ -313,11 +378,17 @@ class QuadraticLineSearchSGD(QuadraticLineSearch):
         alpha_min: float = ALPHA_MIN,
         alpha_max: float = math.inf,
         history_size: int | None = 10_000,
+        model: nn.Module | None = None,
+        loss_fn: nn.Module | None = None,
+        per_block: bool = False,
     ) -> None:
         if not 0.0 <= momentum:
             raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+            raise ValueError(
+                f"Nesterov momentum requires a momentum > 0 and zero dampening "
+                f"(got momentum={momentum}, dampening={dampening})"
+            )
         super().__init__(
             params,
             dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
@@ -326,4 +397,7 @@ class QuadraticLineSearchSGD(QuadraticLineSearch):
             alpha_min=alpha_min,
             alpha_max=alpha_max,
             history_size=history_size,
+            model=model,
+            loss_fn=loss_fn,
+            per_block=per_block,
         )
