@@ -36,7 +36,11 @@ class Workload:
         batch_size: mini-batch size.
         steps: number of optimizer steps per size, e.g. ``{"tiny": 3, "quick": 300, "full": 3000}``.
         backpack: True when BackPACK supports every layer (block-diagonal curvatures can run).
-        embedded: True when the data needs nothing but pip (runs in ``--quick``).
+        embedded: True when the data needs nothing but pip (generated or bundled).
+        quick: True for the few embedded workloads of ``python -m benchmarks --quick``, which
+            must finish in a few minutes on 2 CPU cores.
+        optimum: ``Data -> float``, the exact minimum of the test loss, where it is known
+            (None otherwise); the report prints it above the workload's table.
     """
 
     name: str
@@ -48,3 +52,5 @@ class Workload:
     steps: dict[str, int]
     backpack: bool = True
     embedded: bool = False
+    quick: bool = False
+    optimum: Callable[[Data], float] | None = None

@@ -1,0 +1,287 @@
+"""The benchmark harness on tiny data: workloads, optimizer entries, files, report, CLI, IDX loader."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import socket
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import data as idx
+from benchmarks import report, runner
+from benchmarks.__main__ import main
+from benchmarks.submissions import ADAM_LRS, Submission, submissions
+from benchmarks.workloads import DataUnavailable, all_workloads
+
+WORKLOADS = all_workloads()
+
+
+def _fake_mnist(folder: Path, n_train: int = 40, n_test: int = 20) -> dict[str, np.ndarray]:
+    """Four IDX files in the MNIST layout: images gzipped, labels raw, one with the '.idx' spelling."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels.idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        idx.write_idx(folder / name, array, compress=name.endswith(".gz"))
+    return arrays
+
+
+@pytest.fixture
+def fake_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
+    arrays = _fake_mnist(tmp_path / "idx")
+    monkeypatch.setenv(idx.DATA_DIR_ENV, str(tmp_path / "idx"))
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    return arrays
+
+
+# ---------------------------------------------------------------- IDX loader
+
+
+def test_read_idx_hand_written_header(tmp_path: Path) -> None:
+    """A file whose header is packed by hand (not by write_idx): uint8 and big-endian int32/float32."""
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a").write_bytes(struct.pack(">BBBBIII", 0, 0, 0x08, 3, 2, 3, 4) + images.tobytes())
+    np.testing.assert_array_equal(idx.read_idx(tmp_path / "a"), images)
+
+    values = np.array([-7, 0, 123456], dtype=np.int32)
+    (tmp_path / "b.gz").write_bytes(
+        gzip.compress(struct.pack(">BBBBI", 0, 0, 0x0C, 1, 3) + values.astype(">i4").tobytes())
+    )
+    np.testing.assert_array_equal(idx.read_idx(tmp_path / "b.gz"), values)
+
+    floats = np.array([[1.5, -2.25]], dtype=np.float32)
+    (tmp_path / "c").write_bytes(struct.pack(">BBBBII", 0, 0, 0x0D, 2, 1, 2) + floats.astype(">f4").tobytes())
+    np.testing.assert_array_equal(idx.read_idx(tmp_path / "c"), floats)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_round_trip(tmp_path: Path, dtype: type, compress: bool) -> None:
+    array = (np.arange(30) - 10).reshape(5, 6).astype(dtype)
+    idx.write_idx(tmp_path / "x", array, compress=compress)
+    np.testing.assert_array_equal(idx.read_idx(tmp_path / "x"), array)
+
+
+def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
+    (tmp_path / "magic").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an IDX file"):
+        idx.read_idx(tmp_path / "magic")
+    (tmp_path / "short").write_bytes(struct.pack(">BBBBI", 0, 0, 0x08, 1, 10) + b"\x00" * 9)
+    with pytest.raises(ValueError, match="header says shape"):
+        idx.read_idx(tmp_path / "short")
+
+
+def test_image_classification_reads_and_standardises(fake_data_dir: dict[str, np.ndarray]) -> None:
+    arrays = idx.image_classification(None, None)
+    raw = fake_data_dir["train-images-idx3-ubyte.gz"].astype(np.float64) / 255
+    assert arrays["x_train"].shape == (40, 1, 28, 28) and arrays["x_test"].shape == (20, 1, 28, 28)
+    expected = (raw - raw.mean()) / raw.std(ddof=1)
+    np.testing.assert_allclose(arrays["x_train"][:, 0].numpy(), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(arrays["y_train"].numpy(), fake_data_dir["train-labels.idx1-ubyte"])
+    np.testing.assert_array_equal(arrays["y_test"].numpy(), fake_data_dir["t10k-labels-idx1-ubyte"])
+    assert arrays["y_train"].dtype == torch.int64
+    assert len(idx.image_classification(8, 4)["y_test"]) == 4
+
+
+def test_missing_data_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(idx.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    with pytest.raises(DataUnavailable, match="apt-get install dataset-fashion-mnist.*--data-dir"):
+        WORKLOADS["fmnist_mlp"].load_data(0, "tiny")
+
+
+# ---------------------------------------------------------------- workloads and optimizer entries
+
+
+def _finite_row(row: dict) -> None:
+    assert row["status"] == "ok", row
+    for key in ("initial_train_loss", "final_train_loss", "test_loss", "seconds_per_step"):
+        assert math.isfinite(row[key]), (key, row)
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_each_workload_trains(name: str, fake_data_dir: dict[str, np.ndarray]) -> None:
+    workload = WORKLOADS[name]
+    data = workload.load_data(0, "tiny")
+    assert len(data.x_train) == len(data.y_train) > 0 and len(data.x_test) == len(data.y_test) > 0
+    # observe mode: BackPACK's products on every layer of the model, along Adam's (sane) trajectory
+    sub = (
+        Submission("quadstep_adam", 1e-3, "hessian", "observe")
+        if workload.backpack
+        else Submission("adam", 1e-3)
+    )
+    result = runner.train_run(workload, data, sub, seed=0, steps=workload.steps["tiny"])
+    _finite_row(result.row)
+    assert result.row["steps"] == workload.steps["tiny"] == len(result.log)
+    if sub.is_quadstep:
+        assert all(math.isfinite(r[k]) for r in result.log for k in ("alpha_star", "dg", "dHd"))
+    accuracy = result.row["test_accuracy"]
+    assert (accuracy is None) == (workload.loss == "mse")
+    if accuracy is not None:
+        assert 0.0 <= accuracy <= 1.0
+
+
+@pytest.mark.parametrize("sub", submissions(backpack_ok=True), ids=lambda s: s.slug)
+def test_each_optimizer_entry_runs(sub: Submission) -> None:
+    """Every entry is stable for a few steps on the quadratic (top curvature 1.2 < 2 / SGD's top lr)."""
+    workload = WORKLOADS["quadratic"]
+    result = runner.train_run(workload, workload.load_data(0, "tiny"), sub, seed=0, steps=4)
+    _finite_row(result.row)
+    assert all(math.isfinite(r["loss"]) for r in result.log)
+    if sub.is_quadstep:
+        assert all(r["status"] in report.DEFINED or r["status"] for r in result.log)
+        assert all(math.isfinite(r[k]) for r in result.log for k in ("alpha", "dg", "dHd"))
+        assert 0.0 <= result.row["alpha_star_defined"] <= 1.0
+
+
+def test_submission_grid_covers_the_issue() -> None:
+    subs = submissions(backpack_ok=True)
+    adam = sorted(s.lr for s in subs if s.optimizer == "adam")
+    assert len(adam) >= 7 and adam[0] == pytest.approx(1e-4) and adam[-1] >= 1e-1
+    import quadstep
+
+    assert {s.curvature for s in subs if s.mode == "scale"} == set(quadstep.CURVATURES)
+    assert {"prodigy", "dadapt_adam", "schedulefree_adamw", "sgd"} <= {s.optimizer for s in subs}
+    assert not any(s.backpack for s in submissions(backpack_ok=False))
+
+
+def test_observe_mode_follows_torch_adam() -> None:
+    """Observe mode on an extended model takes torch.optim.Adam's steps on the plain model: same losses."""
+    workload = WORKLOADS["digits"]
+    data = workload.load_data(0, "tiny")
+    adam = runner.train_run(workload, data, Submission("adam", 3e-3), seed=1, steps=6)
+    observe = runner.train_run(
+        workload, data, Submission("quadstep_adam", 3e-3, "hessian", "observe"), seed=1, steps=6
+    )
+    np.testing.assert_allclose([r["loss"] for r in observe.log], [r["loss"] for r in adam.log], rtol=1e-5)
+    assert observe.row["final_train_loss"] == pytest.approx(adam.row["final_train_loss"], rel=1e-5)
+
+
+def test_quadratic_optimum_is_the_minimum() -> None:
+    """At θ = R⁻¹ ȳ (solved independently) the test loss equals `optimum` and its gradient vanishes."""
+    workload = WORKLOADS["quadratic"]
+    data = workload.load_data(0, "tiny")
+    model = workload.make_model()
+    root = model[1].weight.detach().double()
+    theta = torch.linalg.solve(root, data.y_test.double().mean(0))
+    with torch.no_grad():
+        model[0].weight.copy_(theta[:, None].float())
+    loss = torch.nn.functional.mse_loss(model(data.x_test), data.y_test)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(workload.optimum(data), rel=1e-4)
+    assert model[0].weight.grad.abs().max() < 1e-4
+    eigenvalues = torch.linalg.eigvalsh(root.T @ root)
+    assert (eigenvalues > 0).all() and eigenvalues.max() > 30 > eigenvalues[-11]
+
+
+def test_divergence_and_failure_are_recorded() -> None:
+    workload = WORKLOADS["regression"]
+    data = workload.load_data(0, "tiny")
+    diverged = runner.safe_run(workload, data, Submission("sgd", 1e8), seed=0, steps=20)
+    assert diverged.row["status"] == "diverged"
+    failed = runner.safe_run(workload, data, Submission("no_such_optimizer", 1.0), seed=0, steps=2)
+    assert failed.row["status"] == "failed" and "no_such_optimizer" in failed.row["error"]
+
+
+# ---------------------------------------------------------------- files, report, CLI
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_writes_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_mnist(tmp_path / "idx")
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setenv(idx.DATA_DIR_ENV, str(tmp_path / "empty"))  # --data-dir must win; restored afterwards
+    out = tmp_path / "out"
+    argv = ["--tiny", "--data-dir", str(tmp_path / "idx"), "--out", str(out), "--no-progress"]
+    argv += "--seeds 0 1 --optimizers adam quadstep_adam --curvatures ggn".split()
+    argv += ["--workloads", "quadratic", "fmnist_linear"]
+    assert main(argv) == 0
+
+    rows = _read_csv(out / "results.csv")
+    assert set(runner.RESULT_COLUMNS) <= set(rows[0])
+    assert {r["workload"] for r in rows} == {"quadratic", "fmnist_linear"}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) >= 2 * 2 * len(ADAM_LRS)  # every Adam lr, both seeds, both workloads
+    for r in ok:
+        for key in ("final_train_loss", "test_loss", "seconds_per_step"):
+            assert math.isfinite(float(r[key]))
+        assert (r["test_accuracy"] == "") == (r["workload"] == "quadratic")
+    for workload in ("quadratic", "fmnist_linear"):
+        log = _read_csv(out / "logs" / f"{workload}.csv")
+        assert set(runner.LOG_COLUMNS) == set(log[0])
+        quad = [r for r in log if "quadstep" in r["run_id"]]
+        assert quad and all(math.isfinite(float(r[k])) for r in quad for k in ("loss", "alpha", "dg", "dHd"))
+
+    text = (out / "metadata.json").read_text()
+    meta = json.loads(text)
+    assert meta["versions"]["torch"] == torch.__version__ and meta["git_commit"]
+    assert meta["workloads"]["quadratic"]["optimum_test_loss"] > 0
+    assert socket.gethostname() not in text
+
+    summary = (out / "summary.md").read_text()
+    assert "## quadratic" in summary and "α* scale ggn" in summary and "Best Adam lr" in summary
+    assert not any(r["curvature"] not in ("", "ggn") for r in rows) and any(
+        r["mode"] == "observe" for r in rows
+    )
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert len(plots) == 8 and all((out / "plots" / p).stat().st_size > 5000 for p in plots)
+
+    (out / "summary.md").unlink()
+    assert main(["report", "--out", str(out)]) == 0
+    assert (out / "summary.md").read_text() == summary
+
+
+def test_missing_workload_data_does_not_stop_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(idx.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    out = tmp_path / "out"
+    rows = runner.run(
+        [WORKLOADS["fmnist_cnn"], WORKLOADS["regression"]],
+        "tiny",
+        [0],
+        out,
+        optimizers=["adam"],
+        progress=False,
+    )
+    assert {r["workload"] for r in rows} == {"regression"}
+    meta = json.loads((out / "metadata.json").read_text())
+    assert "dataset-fashion-mnist" in meta["skipped_workloads"]["fmnist_cnn"]
+
+
+def test_best_lr_ignores_diverged_configs() -> None:
+    def row(lr: float, loss: float, status: str = "ok") -> dict:
+        return {
+            "optimizer": "adam",
+            "lr": lr,
+            "curvature": "",
+            "mode": "",
+            "final_train_loss": loss,
+            "status": status,
+        }
+
+    rows = [
+        row(1e-3, 0.5),
+        row(1e-3, 0.7),
+        row(1e-2, 0.1),
+        row(1e-2, 0.2, "diverged"),
+        row(1e-4, 0.55),
+        row(1e-4, 0.6),
+    ]
+    assert report.best_lr(rows, "adam") == 1e-4 + 0  # 1e-2 has a diverged seed; mean 0.575 < 0.6
+    assert report.mean_std([1.0, 3.0, None, math.nan]) == (2.0, math.sqrt(2.0), 2)
