@@ -119,9 +119,10 @@ class QuadraticLineSearch(Optimizer):
         dcd, block_dcd = values[: len(terms)].sum(), values[len(terms) :]
 
         # 3. The step size; the mode only decides which scalar multiplies d.
-        rule = quadratic_step(dg, dcd, grad_sq, self.alpha_min, self.alpha_max)
-        block_rule = quadratic_step(block_dg, block_dcd, grad_sq, self.alpha_min, self.alpha_max) if blocks else None
         use_alpha_star = self.mode == "scale"
+        bounds = (self.alpha_min, self.alpha_max) if use_alpha_star else (0.0, math.inf)  # observe: no clipping
+        rule = quadratic_step(dg, dcd, grad_sq, *bounds)
+        block_rule = quadratic_step(block_dg, block_dcd, grad_sq, *bounds) if blocks else None
 
         def chosen(step: StepSize, lr: float | Tensor) -> Tensor:
             alpha = torch.where(step.defined & use_alpha_star, step.alpha, lr)

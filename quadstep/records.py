@@ -63,7 +63,7 @@ class StepRecord:
         return self.values[_DG]
 
     @property
-    def dHd(self) -> Tensor:  # noqa: N802 (the name of the quantity)
+    def dHd(self) -> Tensor:
         return self.values[_DHD]
 
     @property

@@ -28,7 +28,7 @@ STATUSES: tuple[str, ...] = (
     "non-finite-curvature",  # NaN/Inf in dᵀCd, or dᵀCd so small that alpha* overflows
     "not-descent",  # dᵀg >= 0: d does not go downhill on this batch
     "non-positive-curvature",  # dᵀCd <= 0: the model has no minimum along d
-    "clipped-max",  # alpha* > alpha_max
+    "clipped-max",  # alpha* > alpha_max (scale mode only: observe mode clips nothing)
     "clipped-min",  # alpha* < alpha_min
 )
 STATUS_CODE: dict[str, int] = {name: code for code, name in enumerate(STATUSES)}

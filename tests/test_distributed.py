@@ -74,7 +74,7 @@ def train(name: str, rank: int, world: int) -> dict[str, Any]:
     inner = extend(make_model())
     model = DDP(inner) if world > 1 else inner
     loss_fn = extend(nn.CrossEntropyLoss(reduction=reduction))
-    opt = QuadraticLineSearchAdam(model.parameters(), lr=1e-2, eps=eps, curvature="hessian", mode=mode)
+    opt = QuadraticLineSearchAdam(model.parameters(), lr=1e-2, eps=eps, curvature="hessian", mode=mode, alpha_max=1.0)
     if not average:
         opt._average_over_ranks = lambda values: values  # what happens without the all-reduce
     start = sum(sizes[:rank]) if world > 1 else 0

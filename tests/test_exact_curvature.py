@@ -283,12 +283,12 @@ def test_per_block_alpha_star(curvature: str) -> None:
     theta = [p.detach().clone() for p in model.parameters()]
     if curvature == "hessian":
         model, bp_loss = extend(model), extend(nn.CrossEntropyLoss())
-        opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature, per_block=True)
+        opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature, per_block=True, alpha_max=1.0)
         with backpack(opt.extension()):
             bp_loss(model(x), y).backward()
     else:
         opt = QuadraticLineSearchAdam(
-            model.parameters(), curvature=curvature, per_block=True, model=model, loss_fn=loss_fn
+            model.parameters(), curvature=curvature, per_block=True, alpha_max=1.0, model=model, loss_fn=loss_fn
         )
         loss_fn(model(x), y).backward()
     grads = [p.grad.detach().clone() for p in model.parameters()]
