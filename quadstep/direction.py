@@ -6,7 +6,8 @@ never moves a parameter: the optimizer multiplies ``d`` by the chosen step size.
 
 Every direction takes ``finite``, a 0-dim bool tensor that is ``False`` when
 some gradient holds NaN/Inf. The state is then left exactly as it was, with
-tensor ops only, so that a step issues no host synchronisation.
+tensor ops only, so that a step issues no host synchronisation, and ``d`` stays
+finite: the optimizer then steps by ``0·d``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def adam(
         m.lerp_(g, weight1.to(m.dtype))
         v.mul_(scale2.to(v.dtype)).addcmul_(g, g, value=1 - beta2)
         denom = torch.addcmul(k2[i].to(v.dtype), v.sqrt(), k1[i].to(v.dtype))
-        directions.append(torch.div(m, denom))
+        d = torch.div(m, denom)
+        if d.dtype == torch.float16:  # eps underflows to 0: a never-seen entry is 0/0
+            d = torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
+        directions.append(d)
     return directions
 
 
@@ -83,8 +87,10 @@ def sgd(
     """
     momentum, dampening = group["momentum"], group["dampening"]
     weight_decay, nesterov = group["weight_decay"], group["nesterov"]
+    one = torch.ones((), dtype=torch.float64, device=finite.device)
     directions = []
     for p, g, state in zip(params, grads, states):
+        g = torch.where(finite, g, 0.0)  # a non-finite g enters with weight 0 below: d stays finite
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
         if momentum != 0:
@@ -92,8 +98,10 @@ def sgd(
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buf, step = state["momentum_buffer"], state["step"]
-            update = torch.where(step == 0, g, buf * momentum + g * (1 - dampening))
-            buf.copy_(torch.where(finite, update, buf))
+            first = step == 0  # b_1 = g̃: scale 0, weight 1
+            scale = torch.where(first, 0.0, torch.where(finite, one * momentum, 1.0))
+            weight = torch.where(finite, torch.where(first, 1.0, one * (1 - dampening)), 0.0)
+            buf.mul_(scale.to(buf.dtype)).addcmul_(g, weight.to(buf.dtype))
             step.add_(finite.to(step.dtype))
             g = g.add(buf, alpha=momentum) if nesterov else buf
         directions.append(-g)

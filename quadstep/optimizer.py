@@ -138,13 +138,12 @@ class QuadraticLineSearch(Optimizer):
             # ones_like * (...), not full_like: a tensor lr would be read on the host
             shrink = torch.where(rule.skip, 1.0, torch.ones_like(dg) * (1.0 - lr * wd))
             for p in ps:
-                d = torch.where(rule.skip, 0.0, ds[k])  # 0·NaN is NaN: a skipped step must not touch θ
                 alpha = alphas[-1]
                 if block_alphas is not None:
                     alpha = self.state[p]["block_alpha"] = block_alphas[k]
                 if wd != 0:
                     p.mul_(shrink.to(p.dtype))
-                p.addcmul_(d, alpha.to(p.dtype))
+                p.addcmul_(ds[k], alpha.to(p.dtype))  # alpha = 0 on a skipped step; d is finite
                 k += 1
 
         self._steps += 1
