@@ -167,6 +167,43 @@ def headline(rows: Sequence[dict[str, Any]]) -> dict[Config, list[dict[str, Any]
     )
 
 
+def overview(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """One row per workload: final train loss (test accuracy) of the best Adam lr, each alpha*
+    scale variant, each peer and the best SGD lr; mean over seeds, "diverged" where any seed did."""
+    curvatures = list(dict.fromkeys(r["curvature"] for r in rows if r["optimizer"] == "quadstep_adam" and r["mode"] == "scale"))
+    head = ["workload", "Adam, best lr", *[f"α* {c}" for c in curvatures], "Prodigy", "D-Adapt Adam",
+            "Schedule-Free AdamW", "SGD, best lr"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        wrows = [r for r in rows if r["workload"] == workload]
+        classification = meta.get("workloads", {}).get(workload, {}).get("loss", "cross_entropy") == "cross_entropy"
+        groups = by_config(wrows)
+
+        def cell(config: Config | None, lr_label: bool = False) -> str:
+            runs = groups.get(config) if config else None
+            if not runs:
+                return "–"
+            if not math.isfinite(score(runs)):
+                return "diverged"
+            text = f"{mean_std([r['final_train_loss'] for r in runs])[0]:.3g}"
+            if classification:
+                text += f" ({100 * mean_std([r['test_accuracy'] for r in runs])[0]:.1f} %)"
+            return (f"lr {config[1]:g}: " if lr_label and config else "") + text
+
+        adam, sgd = best_lr(wrows, "adam"), best_lr(wrows, "sgd")
+        peers = {c[0]: c for c in groups if c[0] in PEERS}
+        cells = [
+            workload,
+            cell(("adam", adam, "", "") if adam is not None else None, lr_label=True),
+            *[cell(next((c for c in groups if c[0] == "quadstep_adam" and c[2] == k and c[3] == "scale"), None))
+              for k in curvatures],
+            *[cell(peers.get(name)) for name in PEERS],
+            cell(("sgd", sgd, "", "") if sgd is not None else None, lr_label=True),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     """summary.md: per workload, best Adam lr beside each alpha* variant and each peer (mean ± std)."""
     versions = meta.get("versions", {})
@@ -193,6 +230,14 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> st
     ]
     for name, info in meta.get("skipped_workloads", {}).items():
         lines += [f"**{name} skipped**: {info}", ""]
+    lines += [
+        "## Overview",
+        "",
+        "Final training loss (test accuracy), mean over seeds; α* rows in scale mode with the default clip.",
+        "",
+        *overview(rows, meta),
+        "",
+    ]
     for workload in dict.fromkeys(r["workload"] for r in rows):
         wrows = [r for r in rows if r["workload"] == workload]
         info = meta.get("workloads", {}).get(workload, {})
