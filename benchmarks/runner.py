@@ -107,17 +107,8 @@ def train_run(workload: Workload, data: Data, sub: Submission, seed: int, steps:
 
     Never raises for a diverging run: a non-finite loss stops it with status ``diverged``.
     """
-    run_id = f"{workload.name}__{sub.slug}__s{seed}"
-    row: dict[str, Any] = {
-        "workload": workload.name,
-        "optimizer": sub.optimizer,
-        "label": sub.label,
-        "lr": sub.lr,
-        "curvature": sub.curvature,
-        "mode": sub.mode,
-        "seed": seed,
-        "run_id": run_id,
-    }
+    row = _identity(workload, sub, seed)
+    run_id = row["run_id"]
     torch.manual_seed(seed)
     model = workload.make_model()
     loss_fn = make_loss(workload.loss)
@@ -216,7 +207,12 @@ def safe_run(workload: Workload, data: Data, sub: Submission, seed: int, steps: 
     except Exception as err:  # one broken configuration must not stop the others
         status, error = "failed", f"{type(err).__name__}: {err}"
     log.warning("%s / %s / seed %d: %s (%s)", workload.name, sub.label, seed, status, error)
-    row = {
+    return RunResult({**_identity(workload, sub, seed), "steps": 0, "status": status, "error": error[:500]})
+
+
+def _identity(workload: Workload, sub: Submission, seed: int) -> dict[str, Any]:
+    """The columns of results.csv that name a run."""
+    return {
         "workload": workload.name,
         "optimizer": sub.optimizer,
         "label": sub.label,
@@ -224,12 +220,8 @@ def safe_run(workload: Workload, data: Data, sub: Submission, seed: int, steps: 
         "curvature": sub.curvature,
         "mode": sub.mode,
         "seed": seed,
-        "steps": 0,
-        "status": status,
         "run_id": f"{workload.name}__{sub.slug}__s{seed}",
-        "error": error[:500],
     }
-    return RunResult(row)
 
 
 def run(

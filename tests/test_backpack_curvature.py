@@ -8,8 +8,7 @@ recursion written out by hand, and the orderings that hold between the four curv
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,19 +22,6 @@ from quadstep.curvature import backpack as curvature_module
 from quadstep.curvature.backpack import BackpackCurvature
 
 NAMES = BackpackCurvature.NAMES
-
-
-@pytest.fixture(autouse=True)
-def _quiet_single_thread() -> Iterator[None]:
-    """One thread: tiny ops otherwise wait on the thread pool of a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def mlp(act: type[nn.Module], sizes: tuple[int, ...] = (5, 4, 3, 3)) -> nn.Sequential:

@@ -39,19 +39,6 @@ NO_CUDA = "no CUDA device on this machine: the sync-debug proof runs only where 
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__")
 
 
-@pytest.fixture(autouse=True)
-def _quiet_single_thread() -> Iterator[None]:
-    """One thread: tiny CPU ops (BackPACK's softmax) otherwise wait on the thread pool of a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 _ORIGINAL = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}  # None: inherited
 
 
