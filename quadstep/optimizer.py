@@ -135,8 +135,8 @@ class QuadraticLineSearch(Optimizer):
             alphas.append(chosen(rule, lr))
             block_alphas = chosen(block_rule, lr) if block_rule is not None else None
             wd = group["weight_decay"] if self.decoupled_weight_decay else 0.0
-            # ones_like * (...), not full_like: a tensor lr would be read on the host
-            shrink = torch.where(rule.skip, 1.0, torch.ones_like(dg) * (1.0 - lr * wd))
+            if wd != 0:  # ones_like * (...), not full_like: a tensor lr would be read on the host
+                shrink = torch.where(rule.skip, 1.0, torch.ones_like(dg) * (1.0 - lr * wd))
             for p in ps:
                 alpha = alphas[-1]
                 if block_alphas is not None:
