@@ -15,7 +15,7 @@ that can be negative; GGN and PCH stay positive semi-definite.
 
     python examples/compare_curvatures.py                    # ~1 min on CPU
     python examples/compare_curvatures.py --activation relu
-    python examples/compare_curvatures.py --steps 20 --out /tmp/cmp   # smoke run
+    python examples/compare_curvatures.py --steps 20 --out results/smoke   # smoke run
 
 Outputs in ``--out``: ``curvatures.csv`` (one row per step: loss, dg, dCd and
 alpha* per curvature), ``curvatures.png``, ``summary.json``.

@@ -18,7 +18,7 @@ What ``lr`` (and so the scheduler) means depends on the mode:
 
     python examples/drop_in.py                       # Adam, observe and scale side by side, ~1 min
     python examples/drop_in.py --run scale --epochs 20 --weight-decay 1e-2
-    python examples/drop_in.py --epochs 1 --out /tmp/dropin   # smoke run
+    python examples/drop_in.py --epochs 1 --out results/smoke   # smoke run
 
 Outputs in ``--out``: ``epochs.csv`` (run, epoch, lr, train_loss, test_loss,
 test_accuracy, alpha_mean, fallback_steps), ``history_<run>.csv`` per quadstep run.

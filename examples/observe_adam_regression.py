@@ -16,7 +16,7 @@ each learning rate.
     python examples/observe_adam_regression.py                      # ~1 min on CPU
     python examples/observe_adam_regression.py --data noise         # notebook 001's targets
     python examples/observe_adam_regression.py --lr 1e-3 1e-2 --curvature ggn
-    python examples/observe_adam_regression.py --steps 50 --out /tmp/obs   # smoke run
+    python examples/observe_adam_regression.py --steps 50 --out results/smoke   # smoke run
 
 Outputs in ``--out``: ``history_lr<lr>.csv`` (one row per step: step, alpha_star,
 alpha, dg, dHd, status), ``alpha_star.png``, ``summary.json``.

@@ -20,7 +20,7 @@ When they are absent the script says so and falls back to scikit-learn's digits
 
     python examples/observe_sgd_fashion_mnist.py                  # ~1 min on CPU
     python examples/observe_sgd_fashion_mnist.py --data-dir ~/data/fashion-mnist --momentum 0.9
-    python examples/observe_sgd_fashion_mnist.py --dataset digits --steps 20 --out /tmp/sgd   # smoke run
+    python examples/observe_sgd_fashion_mnist.py --dataset digits --steps 20 --out results/smoke   # smoke run
 
 Outputs in ``--out``: ``history.csv`` (step, alpha_star, alpha, dg, dHd, status),
 ``alpha_star.png``, ``summary.json`` (dataset, test accuracy, alpha* summary).
@@ -42,10 +42,10 @@ from quadstep import QuadraticLineSearchSGD
 
 # The IDX reader of the benchmarks (benchmarks/data.py), importable from a checkout of the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.data import read_idx  # noqa: E402
+from benchmarks.data import DEBIAN_FASHION_MNIST, read_idx  # noqa: E402
 
 #: Searched in order when --data-dir is not given: Debian's dataset-fashion-mnist package.
-DEFAULT_DATA_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
+DEFAULT_DATA_DIRS = (DEBIAN_FASHION_MNIST,)
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
