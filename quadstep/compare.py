@@ -35,15 +35,7 @@ from .optimizer import QuadraticLineSearch
 #: Attribute prefix of the products a probe asks BackPACK to store.
 SAVEFIELD_PREFIX = "quadstep_probe_"
 #: The curvatures a probe can measure: BackPACK's block-diagonal products.
-PROBE_CURVATURES: tuple[str, ...] = ("hessian", "ggn", "pch-clip", "pch-abs")
-
-
-class _ProbeCurvature(BackpackCurvature):
-    """A :class:`BackpackCurvature` whose product lives under a savefield of its own."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.savefield = SAVEFIELD_PREFIX + name.replace("-", "_")
+PROBE_CURVATURES: tuple[str, ...] = BackpackCurvature.NAMES
 
 
 class CurvatureProbe:
@@ -65,7 +57,7 @@ class CurvatureProbe:
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"Invalid curvatures: {names} (give each name once, at least one)")
         self.curvatures = tuple(names)
-        self._queries = [_ProbeCurvature(name) for name in names]
+        self._queries = [BackpackCurvature(name, SAVEFIELD_PREFIX + name.replace("-", "_")) for name in names]
 
     def extensions(self) -> list[BackpropExtension]:
         """The BackPACK extensions to add: ``backpack(opt.extension(), *probe.extensions())``."""

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import direction as directions
-from .curvature import CURVATURES, make_curvature
+from .curvature import make_curvature
 from .curvature._common import dot
 from .records import History, StepRecord
 from .stepsize import StepSize, quadratic_step
@@ -56,8 +56,6 @@ class QuadraticLineSearch(Optimizer):
             raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
         if not 0.0 <= defaults.get("weight_decay", 0.0):
             raise ValueError(f"Invalid weight_decay value: {defaults['weight_decay']} (must be >= 0)")
-        if curvature not in CURVATURES:
-            raise ValueError(f"Invalid curvature: {curvature!r} (choose one of {', '.join(map(repr, CURVATURES))})")
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r} (choose one of {', '.join(map(repr, MODES))})")
         if not 0.0 <= alpha_min:
@@ -67,6 +65,7 @@ class QuadraticLineSearch(Optimizer):
                 f"Invalid alpha range: alpha_min={alpha_min} > alpha_max={alpha_max} "
                 "(need 0 <= alpha_min <= alpha_max; alpha_max may be math.inf)"
             )
+        curvature_query = make_curvature(curvature, model, loss_fn)  # validates the name
         super().__init__(params, defaults)
         self.curvature = curvature
         self.mode = mode
@@ -74,7 +73,7 @@ class QuadraticLineSearch(Optimizer):
         self.alpha_max = float(alpha_max)
         self.history = History(history_size)
         self.per_block = bool(per_block)
-        self._curvature = make_curvature(curvature, model, loss_fn)
+        self._curvature = curvature_query
         self._steps = 0
 
     def extension(self) -> BackpropExtension:

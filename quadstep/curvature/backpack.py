@@ -301,6 +301,8 @@ class BackpackCurvature:
     Args:
         name: ``"hessian"`` (HMP), ``"ggn"`` (GGNMP), ``"pch-clip"`` or ``"pch-abs"``
             (PCHMP with ``modify="clip"``/``"abs"``).
+        savefield: the attribute BackPACK stores the products under (default: the
+            extension's own, ``hmp``, ``ggnmp`` or ``pchmp``).
     """
 
     _EXTENSIONS = {
@@ -314,9 +316,10 @@ class BackpackCurvature:
     #: Its terms are already the per-parameter values d_pᵀC_pp d_p.
     BLOCK_DIAGONAL = True
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, savefield: str | None = None) -> None:
         self.name = name
-        self._cls, self.savefield, self._kwargs = self._EXTENSIONS[name]
+        self._cls, default_savefield, self._kwargs = self._EXTENSIONS[name]
+        self.savefield = savefield or default_savefield
 
     def extension(self) -> BackpropExtension:
         """The BackPACK extension to run ``loss.backward()`` under."""
