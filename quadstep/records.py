@@ -51,7 +51,9 @@ class StepRecord:
     ) -> StepRecord:
         """Pack the step's tensors into one row (tensor ops only: no host sync)."""
         dtype = alpha_star.dtype
-        head = torch.stack([alpha_star, dg, dHd, status_code.to(dtype), torch.full_like(alpha_star, len(alphas))])
+        head = torch.stack(
+            [alpha_star, dg, dHd, status_code.to(dtype), torch.full_like(alpha_star, len(alphas))]
+        )
         return cls(step, torch.cat([head, alphas.to(dtype)]))
 
     @property
@@ -85,7 +87,9 @@ class StepRecord:
     def as_dict(self) -> dict[str, Any]:
         """Plain Python values (one host sync)."""
         v = self.values.tolist()
-        return dict(zip(COLUMNS, [self.step, v[_ALPHA_STAR], v[_ALPHAS], v[_DG], v[_DHD], STATUSES[int(v[_STATUS])]]))
+        return dict(
+            zip(COLUMNS, [self.step, v[_ALPHA_STAR], v[_ALPHAS], v[_DG], v[_DHD], STATUSES[int(v[_STATUS])]])
+        )
 
 
 class History(Sequence[StepRecord]):
@@ -181,9 +185,7 @@ class History(Sequence[StepRecord]):
         clipped); ``alpha_star_defined`` says how many those were.
         """
         cols = self.columns()
-        defined = [
-            a for a, s in zip(cols["alpha_star"], cols["status"]) if s in DEFINED
-        ]
+        defined = [a for a, s in zip(cols["alpha_star"], cols["status"]) if s in DEFINED]
         return {
             "steps": len(self),
             "alpha_star_defined": len(defined),

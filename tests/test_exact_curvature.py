@@ -98,7 +98,6 @@ def _data(kind: str, loss: str, n: int = 6, seed: int = 1) -> tuple[Tensor, Tens
     if loss == "ce":
         return x, torch.randint(0, 3, (n,), generator=gen)
     return x, torch.randn(n, 3, generator=gen, dtype=DTYPE)
-    return x, y
 
 
 def _flat_fn(model: nn.Module, fn: Callable[[Tensor], Tensor]) -> tuple[Callable[[Tensor], Tensor], Tensor]:

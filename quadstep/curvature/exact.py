@@ -247,7 +247,9 @@ class ExactCurvature:
             and inp.dtype == out.dtype
             and (
                 (inp.shape, inp.stride()) == (out.shape, out.stride())
-                or inp.numel() == out.numel() and inp.is_contiguous() and out.is_contiguous()
+                or inp.numel() == out.numel()
+                and inp.is_contiguous()
+                and out.is_contiguous()
             )
         )
         call = _LossCall(
@@ -285,8 +287,7 @@ class ExactCurvature:
         if not calls:
             raise RuntimeError(
                 f"curvature={self.name!r} found no forward of `model` followed by `loss_fn(...)` and "
-                "`backward()` since the last step (forwards under torch.no_grad() are not recorded). "
-                + fix
+                "`backward()` since the last step (forwards under torch.no_grad() are not recorded). " + fix
             )
         for call in calls:
             if call.forward.output is None:
