@@ -18,6 +18,16 @@ import torch
 from torch import Tensor
 
 
+def _guarded(g: Tensor, finite: Tensor | None = None) -> Tensor:
+    """A new tensor: ``g`` with NaN/Inf entries set to 0, and all of it to 0 where ``finite`` is 0.
+
+    Two vectorised passes: ``torch.where`` with a 0-dim condition is not vectorised on
+    CPU and costs about six times as much.
+    """
+    out = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    return out if finite is None else out.mul_(finite)
+
+
 def adam(
     group: dict[str, Any],
     params: list[Tensor],
@@ -44,25 +54,33 @@ def adam(
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     steps = [s["step"] for s in states]
     torch._foreach_add_(steps, finite.to(torch.float32))
-    # A non-finite g enters as 0 with weight 0 (m) or with v scaled by 1 (v): both stay exactly as they were.
-    one = torch.ones((), dtype=torch.float64, device=finite.device)
-    weight1 = torch.where(finite, one * (1 - beta1), 0.0)
-    scale2 = torch.where(finite, one * beta2, 1.0)
     # Bias corrections in float64: 1 - 0.999**t in float32 is off by 1e-5 at t = 1. A skipped
     # first step keeps t = 0; clamping it to 1 gives d = 0 from m = 0.
     # d = m / (k1·sqrt(v) + k2) with k1 = -(1-β1^t)/sqrt(1-β2^t), k2 = -(1-β1^t)·eps.
     t = torch.stack(steps).double().clamp(min=1)
     neg_bias_correction1 = torch.pow(beta1, t) - 1
     k1 = neg_bias_correction1 / (1 - torch.pow(beta2, t)).sqrt()
-    k2 = neg_bias_correction1 * eps
+    # A non-finite g enters as 0 with weight 0 (m) or with v scaled by 1 (v): both stay exactly as they were.
+    weight1 = torch.where(finite, t.new_full((), 1 - beta1), 0.0)
+    scale2 = torch.where(finite, t.new_full((), beta2), 1.0)
+    # Every scalar above in each parameter dtype, cast once: [weight1, scale2, k1..., k2...].
+    scalars = torch.cat([torch.stack([weight1, scale2]), k1, neg_bias_correction1 * eps])
+    cast: dict[torch.dtype, list[Tensor]] = {}
+    finite_as: dict[torch.dtype, Tensor] = {}
+    n = len(params)
     directions = []
     for i, (g, state) in enumerate(zip(grads, states)):
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        g = torch.where(finite, g, 0.0)
-        m.lerp_(g, weight1.to(m.dtype))
-        v.mul_(scale2.to(v.dtype)).addcmul_(g, g, value=1 - beta2)
-        denom = torch.addcmul(k2[i].to(v.dtype), v.sqrt(), k1[i].to(v.dtype))
-        d = torch.div(m, denom)
+        if m.dtype not in cast:
+            cast[m.dtype] = list(scalars.to(m.dtype).unbind())
+            finite_as[m.dtype] = finite.to(m.dtype)
+        c = cast[m.dtype]
+        d = _guarded(g, finite_as[m.dtype])  # the one new tensor: first g, then d
+        m.lerp_(d, c[0])
+        v.mul_(c[1]).addcmul_(d, d, value=1 - beta2)
+        torch.sqrt(v, out=d)
+        d.mul_(c[2 + i]).add_(c[2 + n + i])
+        d = torch.div(m, d, out=d)
         if d.dtype == torch.float16:  # eps underflows to 0: a never-seen entry is 0/0
             d = torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
         directions.append(d)
@@ -90,7 +108,7 @@ def sgd(
     one = torch.ones((), dtype=torch.float64, device=finite.device)
     directions = []
     for p, g, state in zip(params, grads, states):
-        g = torch.where(finite, g, 0.0)  # a non-finite g enters with weight 0 below: d stays finite
+        g = _guarded(g)  # a non-finite g enters with weight 0 below: d stays finite
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
         if momentum != 0:
