@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 #: Status names, by code. The order is the order of precedence, highest first,
-#: except ``ok`` (code 0): when several apply, the record shows the first.
+#: except ``ok`` (code 0, lowest): when several apply, the record shows the first.
 STATUSES: tuple[str, ...] = (
     "ok",  # alpha* in [alpha_min, alpha_max], used as is
     "non-finite-gradient",  # NaN/Inf in g: no step at all, state untouched
@@ -34,6 +34,10 @@ STATUSES: tuple[str, ...] = (
 STATUS_CODE: dict[str, int] = {name: code for code, name in enumerate(STATUSES)}
 #: Statuses under which alpha* exists (possibly clipped).
 DEFINED = ("ok", "clipped-max", "clipped-min")
+# Positions in the precedence order of STATUSES[1:] + ("ok",): from these on, alpha* is
+# defined; before the second, no step is taken.
+_FIRST_DEFINED = STATUSES.index("clipped-max") - 1
+_FIRST_STEPPING = STATUSES.index("zero-gradient") - 1
 
 
 class StepSize(NamedTuple):
@@ -46,34 +50,33 @@ class StepSize(NamedTuple):
     status: Tensor  #: int64 code into STATUSES
 
 
-def quadratic_step(
-    dg: Tensor, dcd: Tensor, grad_sq: Tensor, alpha_min: float, alpha_max: float
-) -> StepSize:
+def quadratic_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor, alpha_min: float, alpha_max: float) -> StepSize:
     r"""Minimiser of the quadratic model along ``d``, clipped, with its status.
 
     Args:
-        dg: :math:`d^\top g`, summed over all parameters (0-dim).
-        dcd: :math:`d^\top C d`, summed over all parameters (0-dim).
+        dg: :math:`d^\top g`, summed over all parameters (0-dim), or one per block (1-dim).
+        dcd: :math:`d^\top C d`, likewise.
         grad_sq: :math:`g^\top g` (0-dim); NaN/Inf marks a non-finite gradient.
         alpha_min, alpha_max: clipping range of the step size.
     """
     alpha_star = -dg / dcd
-    code = torch.zeros((), dtype=torch.int64, device=dg.device)
-    # Lowest precedence first: each later ``where`` overrides the earlier ones.
-    for name, condition in (
-        ("clipped-min", alpha_star < alpha_min),
-        ("clipped-max", alpha_star > alpha_max),
-        ("non-positive-curvature", dcd <= 0),
-        ("not-descent", dg >= 0),
-        ("non-finite-curvature", ~torch.isfinite(dcd) | ((dcd > 0) & alpha_star.isinf())),
-        ("zero-gradient", grad_sq == 0),
-        ("non-finite-direction", ~torch.isfinite(dg)),  # with a finite g, dᵀg is finite iff d is
-        ("non-finite-gradient", ~torch.isfinite(grad_sq)),
-    ):
-        code = torch.where(condition, STATUS_CODE[name], code)
-    defined = code == STATUS_CODE["ok"]
-    for name in DEFINED[1:]:
-        defined = defined | (code == STATUS_CODE[name])
+    # Every condition, in the order of STATUSES[1:] (precedence, highest first), then "ok" (always).
+    conditions = torch.stack(
+        torch.broadcast_tensors(  # per-block values are vectors, grad_sq is not
+            ~torch.isfinite(grad_sq),  # non-finite-gradient
+            ~torch.isfinite(dg),  # non-finite-direction: with a finite g, dᵀg is finite iff d is
+            grad_sq == 0,  # zero-gradient
+            ~torch.isfinite(dcd) | ((dcd > 0) & alpha_star.isinf()),  # non-finite-curvature
+            dg >= 0,  # not-descent
+            dcd <= 0,  # non-positive-curvature
+            alpha_star > alpha_max,  # clipped-max
+            alpha_star < alpha_min,  # clipped-min
+            torch.ones_like(dg, dtype=torch.bool),  # ok
+        )
+    )
+    first = conditions.to(torch.uint8).argmax(0)  # the first that holds
+    code = (first + 1) % len(STATUSES)
+    defined = first >= _FIRST_DEFINED
     alpha = torch.where(defined, alpha_star.clamp(alpha_min, alpha_max), torch.nan)
-    skip = (code == STATUS_CODE["non-finite-gradient"]) | (code == STATUS_CODE["non-finite-direction"])
+    skip = first < _FIRST_STEPPING
     return StepSize(alpha_star, alpha, defined, skip, code)
