@@ -112,14 +112,18 @@ class QuadraticLineSearch(Optimizer):
         terms = self._curvature.quadratic_forms(params, ds)
         blocks: list[Tensor] = []
         if self.per_block:
-            blocks = terms if self._curvature.BLOCK_DIAGONAL else self._curvature.block_quadratic_forms(params, ds)
+            blocks = (
+                terms if self._curvature.BLOCK_DIAGONAL else self._curvature.block_quadratic_forms(params, ds)
+            )
         self._curvature.release(params)
         values = self._average_over_ranks(torch.stack([v.to(dg.device) for v in terms + blocks]))
         dcd, block_dcd = values[: len(terms)].sum(), values[len(terms) :]
 
         # 3. The step size; the mode only decides which scalar multiplies d.
         use_alpha_star = self.mode == "scale"
-        bounds = (self.alpha_min, self.alpha_max) if use_alpha_star else (0.0, math.inf)  # observe: no clipping
+        bounds = (
+            (self.alpha_min, self.alpha_max) if use_alpha_star else (0.0, math.inf)
+        )  # observe: no clipping
         rule = quadratic_step(dg, dcd, grad_sq, *bounds)
         block_rule = quadratic_step(block_dg, block_dcd, grad_sq, *bounds) if blocks else None
 
@@ -136,8 +140,9 @@ class QuadraticLineSearch(Optimizer):
             wd = group["weight_decay"] if self.decoupled_weight_decay else 0.0
             if wd != 0:  # ones_like * (...), not full_like: a tensor lr would be read on the host
                 shrink = torch.where(rule.skip, 1.0, torch.ones_like(dg) * (1.0 - lr * wd))
+            alpha_as = {p.dtype: alphas[-1].to(p.dtype) for p in ps}
             for p in ps:
-                alpha = alphas[-1]
+                alpha = alpha_as[p.dtype]
                 if block_alphas is not None:
                     alpha = self.state[p]["block_alpha"] = block_alphas[k]
                 if wd != 0:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+_ACCUMULATE = (torch.float32, torch.float64)
+
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
     """:math:`a^\\top b` over all entries, accumulated in at least float32 (bf16/fp16 inputs)."""
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
+    if a.dtype != b.dtype or a.dtype not in _ACCUMULATE:
+        dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        a, b = a.to(dtype), b.to(dtype)
+    return torch.dot(a.reshape(-1), b.reshape(-1))
