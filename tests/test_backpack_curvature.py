@@ -201,6 +201,37 @@ def test_falls_back_to_the_products_when_not_traced() -> None:
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_step_frees_the_activations_backpack_kept() -> None:
+    """BackPACK keeps every module's input and output while a curvature-product extension is
+    active; after step() none is left, and a probe's products keep them until the last release."""
+    from quadstep.compare import CurvatureProbe, preview_directions
+
+    torch.manual_seed(0)
+    model, loss_fn = extend(tiny_cnn().double()), extend(nn.CrossEntropyLoss())
+    x, y, _ = batch((4, 1, 8, 8), "ce", 3, torch.float64)
+
+    def kept() -> list[nn.Module]:
+        return [m for m in model if hasattr(m, "output") or hasattr(m, "input0")]
+
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn", mode="observe")
+    with backpack(opt.extension()):
+        loss_fn(model(x), y).backward()
+    assert len(kept()) == len(model)
+    opt.step()
+    assert kept() == []
+
+    probe = CurvatureProbe(["hessian"])
+    opt.zero_grad()
+    with backpack(opt.extension(), *probe.extensions()):
+        loss_fn(model(x), y).backward()
+    params, ds = preview_directions(opt)
+    probe.quadratic_forms(params, ds)
+    probe.release(params)
+    assert len(kept()) == len(model)  # the optimizer's products still need them
+    opt.step()
+    assert kept() == [] and torch.isfinite(opt.history[-1].dHd)
+
+
 @pytest.mark.parametrize(
     ("name", "cls"), [("hessian", HMP), ("ggn", GGNMP), ("pch-clip", PCHMP), ("pch-abs", PCHMP)]
 )

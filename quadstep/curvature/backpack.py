@@ -50,7 +50,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from backpack import backpack
+from backpack import backpack, memory_cleanup
 from backpack.extensions import GGNMP, HMP, PCHMP
 from backpack.extensions.backprop_extension import FAIL_ERROR, BackpropExtension
 from backpack.extensions.curvmatprod.ggnmp.ggnmpbase import GGNMPBase
@@ -99,7 +99,8 @@ class _Node:
 
 class _ParamProduct:
     """BackPACK's ``mat ↦ C_pp mat`` for one parameter (still callable), plus the tangent
-    ``d ↦ J_p d`` (shape ``[1, *output]``) into the layer's output and the node that takes it."""
+    ``d ↦ J_p d`` (shape ``[1, *output]``, a new tensor that the sweep may overwrite) into the
+    layer's output and the node that takes it."""
 
     __slots__ = ("product", "tangent", "node")
 
@@ -139,6 +140,7 @@ class _Traced(ModuleExtension):
             isinstance(self.inner, GGNMPBase) or self.derivatives.hessian_is_zero(module)
         ):
             g_inp = g_out = None
+        ext.touched[id(module)] = module
         super().__call__(ext, module, g_inp, g_out)
 
     def check_hyperparameters_module_extension(
@@ -231,7 +233,7 @@ class _Traced(ModuleExtension):
                 m = module
                 out = nn.functional.conv2d(m.input0, d, None, m.stride, m.padding, m.dilation, m.groups)
                 return out.unsqueeze(0)
-            return self.derivatives.weight_jac_mat_prod(module, g_inp, g_out, d.unsqueeze(0))
+            return self.derivatives.weight_jac_mat_prod(module, g_inp, g_out, d.unsqueeze(0)).clone()
 
         return _ParamProduct(product, tangent, backproped)
 
@@ -239,14 +241,20 @@ class _Traced(ModuleExtension):
         product = self.inner.bias(ext, module, g_inp, g_out, backproped)
 
         def tangent(d: Tensor) -> Tensor:
-            return self.derivatives.bias_jac_mat_prod(module, g_inp, g_out, d.unsqueeze(0))
+            return self.derivatives.bias_jac_mat_prod(module, g_inp, g_out, d.unsqueeze(0)).clone()
 
         return _ParamProduct(product, tangent, backproped)
 
 
 class _Traceable(SecondOrderBackpropExtension):
     """Placed after HMP/GGNMP/PCHMP in the method resolution order, so that their constructors
-    hand it the module extensions they register: each is wrapped in :class:`_Traced`."""
+    hand it the module extensions they register: each is wrapped in :class:`_Traced`.
+
+    ``touched`` collects the modules whose inputs and outputs BackPACK keeps for the
+    products (it frees them only when no curvature-product extension is active).
+    """
+
+    touched: dict[int, nn.Module]
 
     def __init__(
         self,
@@ -257,6 +265,7 @@ class _Traceable(SecondOrderBackpropExtension):
     ) -> None:
         traced = {module: _Traced(ext) for module, ext in module_exts.items()}
         super().__init__(savefield, traced, fail_mode=fail_mode, subsampling=subsampling)
+        self.touched = {}
 
 
 class _ClearErrors:
@@ -320,10 +329,13 @@ class BackpackCurvature:
         self.name = name
         self._cls, default_savefield, self._kwargs = self._EXTENSIONS[name]
         self.savefield = savefield or default_savefield
+        self._touched: dict[int, nn.Module] = {}  # shared by every extension made here
 
     def extension(self) -> BackpropExtension:
         """The BackPACK extension to run ``loss.backward()`` under."""
-        return self._cls(savefield=self.savefield, **self._kwargs)
+        ext = self._cls(savefield=self.savefield, **self._kwargs)
+        ext.touched = self._touched
+        return ext
 
     def context(self) -> AbstractContextManager[Any]:
         """What a closure's ``loss.backward()`` runs under: ``backpack(extension())``."""
@@ -351,10 +363,18 @@ class BackpackCurvature:
         return [dot(d, product(d.unsqueeze(0)).squeeze(0)) for product, d in zip(products, directions)]
 
     def release(self, params: Sequence[Tensor]) -> None:
-        """Drop the products: they hold the autograd graph, and must never be reused."""
+        """Drop the products (they hold the autograd graph, and must never be reused) and,
+        once no quadstep product is left on ``params``, the inputs and outputs BackPACK kept
+        on the modules for them: the batch's activations would otherwise stay alive until
+        the next forward has replaced them."""
         for p in params:
             if hasattr(p, self.savefield):
                 delattr(p, self.savefield)
+        if any(isinstance(v, _ParamProduct) for p in params for v in vars(p).values()):
+            return  # another curvature's products (a CurvatureProbe's) still need them
+        for module in self._touched.values():
+            memory_cleanup(module)
+        self._touched.clear()
 
 
 def _sweep(products: Sequence[Any], directions: Sequence[Tensor]) -> list[Tensor] | None:
@@ -418,7 +438,8 @@ def _push_through(
         entering.setdefault(id(products[i].node), []).append(i)
     totals = directions[0].new_zeros(len(group), dtype=dtype)
     first = entering[id(chain[0])]
-    u: Tensor | None = torch.cat([products[i].tangent(directions[i]) for i in first])
+    tangents = [products[i].tangent(directions[i]) for i in first]
+    u: Tensor | None = tangents[0] if len(tangents) == 1 else torch.cat(tangents)
     rows = len(first)
     for node, above in zip(chain, [*chain[1:], None]):
         new = entering.get(id(above), [])
