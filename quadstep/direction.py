@@ -53,7 +53,8 @@ def adam(
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     steps = [s["step"] for s in states]
-    torch._foreach_add_(steps, finite.to(torch.float32))
+    # A list: _foreach_add_ with one 0-dim tensor reads its value on the host (a sync on a GPU).
+    torch._foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
     # Bias corrections in float64: 1 - 0.999**t in float32 is off by 1e-5 at t = 1. A skipped
     # first step keeps t = 0; clamping it to 1 gives d = 0 from m = 0.
     # d = m / (k1·sqrt(v) + k2) with k1 = -(1-β1^t)/sqrt(1-β2^t), k2 = -(1-β1^t)·eps.

@@ -2,7 +2,9 @@
 
 - On CPU, every Python-level way of reading a tensor's value on the host
   (``.item()``, ``float()``, ``int()``, ``bool()``, ``.tolist()``, ``.numpy()``) is made
-  to raise while ``step()`` runs: the step, the curvature products it calls (BackPACK's
+  to raise while ``step()`` runs, and so is every operator that reads values on the host
+  from C++ (``_local_scalar_dense``, behind ``.item()`` in kernels, and the ops whose output
+  shape depends on values): the step, the curvature products it calls (BackPACK's
   and the exact ones), the fallbacks and the record must get by with tensor ops. A closure
   passed to ``step()`` is the user's forward and backward, and may read (BackPACK's
   backward checks once, with ``.item()``, that the loss was not modified).
@@ -29,6 +31,7 @@ import pytest
 import torch
 from backpack import backpack, extend
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from quadstep import QuadraticLineSearchAdam, QuadraticLineSearchSGD
 from quadstep.curvature._common import dot
@@ -40,6 +43,24 @@ HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__
 
 
 _ORIGINAL = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}  # None: inherited
+
+#: Operators that read tensor values on the host (a device synchronisation on a GPU), and the
+#: indexing operators, which do when an index is a boolean mask.
+HOST_READING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive")
+MASK_INDEXING_OPS = ("index", "index_put", "index_put_")
+
+
+class _NoHostReadingOps(TorchDispatchMode):
+    """Raises on every operator that reads values on the host, wherever it is called from (C++ too)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        masks = name in MASK_INDEXING_OPS and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ()
+        )
+        if name in HOST_READING_OPS or masks:
+            raise AssertionError(f"aten::{name} inside step(): a host synchronisation")
+        return func(*args, **(kwargs or {}))
 
 
 def _forbid(name: str) -> Callable[..., None]:
@@ -61,10 +82,11 @@ def _set_host_reads(allowed: bool) -> None:
 
 @contextlib.contextmanager
 def no_host_reads() -> Iterator[None]:
-    """Make every Python-level read of a tensor's value raise (a host sync on a GPU)."""
+    """Make every read of a tensor's value on the host raise (a host sync on a GPU)."""
     _set_host_reads(False)
     try:
-        yield
+        with _NoHostReadingOps():
+            yield
     finally:
         _set_host_reads(True)
 
@@ -74,7 +96,8 @@ def host_reads_allowed() -> Iterator[None]:
     """Inside :func:`no_host_reads`: let the user's closure (forward, BackPACK's backward) read."""
     _set_host_reads(True)
     try:
-        yield
+        with _disable_current_modes():
+            yield
     finally:
         _set_host_reads(False)
 
@@ -82,7 +105,8 @@ def host_reads_allowed() -> Iterator[None]:
 def test_the_guard_catches_host_reads() -> None:
     t = torch.ones(())
     for read in (lambda: t.item(), lambda: float(t), lambda: bool(t), lambda: int(t), lambda: t.tolist(),
-                 lambda: [0, 1][t.long()]):  # fmt: skip
+                 lambda: [0, 1][t.long()], lambda: torch._foreach_add_([torch.zeros(())], t),
+                 lambda: torch.ones(3)[torch.ones(3) > 0]):  # fmt: skip
         with no_host_reads(), pytest.raises(AssertionError, match="host synchronisation"):
             read()
     with no_host_reads():
