@@ -228,6 +228,8 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> st
         "`python -m benchmarks report --out DIR`.",
         "",
     ]
+    if meta.get("note"):
+        lines += [f"*Note:* {meta['note']}", ""]
     for name, info in meta.get("skipped_workloads", {}).items():
         lines += [f"**{name} skipped**: {info}", ""]
     lines += [
