@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{world} process(es), {step} steps, parameters identical on every rank, "
               f"train accuracy {accuracy:.3f}")
     if distributed:
+        dist.barrier()  # rank 0 may still be printing: tearing gloo down under it can abort a rank
         dist.destroy_process_group()
 
 
