@@ -7,7 +7,8 @@ cross-entropy) and every curvature option in :data:`quadstep.CURVATURES`, one
 
 - Adam: ``torch.optim.Adam`` on a plain model (merely ``extend``-ing a model slows its backward).
 - BackPACK curvatures: :class:`~quadstep.QuadraticLineSearchAdam` on an ``extend``-ed copy,
-  forward and backward inside ``with backpack(opt.extension()):``.
+  given ``model=`` (so that the backward frees the activations BackPACK keeps; not with
+  ``--without-model``), forward and backward inside ``with backpack(opt.extension()):``.
 - Any other curvature (e.g. exact ones that need no BackPACK): the optimizer is built with
   ``model=model, loss_fn=loss_fn`` and stepped after a plain backward; an option whose
   constructor refuses these arguments is skipped with a message.
@@ -116,12 +117,18 @@ def adam(template: nn.Module, x: Tensor, y: Tensor) -> Step:
     return step
 
 
-def quadstep_backpack(curvature: str) -> Callable[[nn.Module, Tensor, Tensor], Step]:
+def quadstep_backpack(
+    curvature: str, given_model: bool = True
+) -> Callable[[nn.Module, Tensor, Tensor], Step]:
     def build(template: nn.Module, x: Tensor, y: Tensor) -> Step:
         model = extend(copy.deepcopy(template))
         loss_fn = extend(nn.CrossEntropyLoss())
         opt = quadstep.QuadraticLineSearchAdam(
-            model.parameters(), lr=1e-3, curvature=curvature, mode="observe"
+            model.parameters(),
+            lr=1e-3,
+            curvature=curvature,
+            mode="observe",
+            model=model if given_model else None,
         )
 
         def step() -> None:
@@ -153,11 +160,13 @@ def quadstep_plain(curvature: str) -> Callable[[nn.Module, Tensor, Tensor], Step
     return build
 
 
-def contenders(curvatures: Sequence[str]) -> list[Contender]:
+def contenders(curvatures: Sequence[str], given_model: bool = True) -> list[Contender]:
     """Adam first, then one quadstep contender per curvature option."""
     out = [Contender("adam", "", adam)]
     for name in curvatures:
-        build = quadstep_backpack(name) if name in BackpackCurvature.NAMES else quadstep_plain(name)
+        build = (
+            quadstep_backpack(name, given_model) if name in BackpackCurvature.NAMES else quadstep_plain(name)
+        )
         out.append(Contender("quadstep", name, build))
     return out
 
@@ -321,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a busy machine"
     )
+    parser.add_argument(
+        "--without-model", action="store_true",
+        help="BackPACK contenders without model= (BackPACK then keeps every activation through backward)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
     args = parser.parse_args(argv)
     if min(args.depths) < 2:
@@ -341,8 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     for problem in problems(args.depths, not args.no_cnn):
         print(f"{problem.name} ...", flush=True)
         results = run_problem(
-            problem, contenders(args.curvatures), clock=CLOCKS[args.clock], warmup=args.warmup,
-            rounds=args.rounds, steps=args.steps, memory_steps=args.memory_steps, seed=args.seed,
+            problem, contenders(args.curvatures, not args.without_model), clock=CLOCKS[args.clock],
+            warmup=args.warmup, rounds=args.rounds, steps=args.steps, memory_steps=args.memory_steps,
+            seed=args.seed,
         )  # fmt: skip
         rows += [row(r) for r in results]
     table = markdown(rows, header)

@@ -275,11 +275,14 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
             mini-batch quadratic model is trusted no further than Adam itself would
             step. ``math.inf`` disables the bound.
         history_size: number of most recent records kept, None for all (default: 10000).
-        model: the network, required by the exact curvatures (unused by the others).
+        model: the network, required by the exact curvatures.
             The optimizer watches its forward with hooks, so the loop stays that of
             ``torch.optim.Adam``: the exact curvature needs the batch, and the hooks
             take it from the forward the user runs anyway instead of asking for a
-            closure or a changed ``step(x, y)`` signature (default: None).
+            closure or a changed ``step(x, y)`` signature. Optional with the BackPACK
+            curvatures: given the (extended) model, the backward frees each activation
+            BackPACK keeps once only a mask, indices or a shape of it is still read,
+            which lowers the peak memory of conv nets (default: None).
         loss_fn: the loss module called as ``loss_fn(model(x), y)``, required by the
             exact curvatures; ``"ggn-exact"`` needs ``nn.CrossEntropyLoss`` or
             ``nn.MSELoss`` (default: None).

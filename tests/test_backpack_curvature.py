@@ -68,10 +68,17 @@ def one_by_one(product: Callable[[Tensor], Tensor], d: Tensor) -> Tensor:
 
 
 def fast_and_closures(
-    name: str, model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor, ds: list[Tensor]
+    name: str,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    ds: list[Tensor],
+    given: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(fast forms, forms from BackPACK's per-parameter products called one by one)."""
-    curvature = BackpackCurvature(name)
+    """(fast forms, forms from BackPACK's per-parameter products called one by one); ``given``:
+    the curvature is given the model (and frees activations during the backward)."""
+    curvature = BackpackCurvature(name, model=model if given else None)
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     with backpack(curvature.extension()):
@@ -109,6 +116,13 @@ CASES = {
         lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)),
         (6, 5), "ce", 3, torch.float64,
     ),
+    "relu-pool-cnn-ce": (  # the benchmark CNN's shape: conv-ReLU-pool twice, then linear
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2, 3, 2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(3 * 2 * 2, 3),
+        ),
+        (4, 1, 12, 12), "ce", 3, torch.float64,
+    ),
 }  # fmt: skip
 
 
@@ -125,6 +139,40 @@ def test_sweep_equals_backpack_products_one_by_one(case: str, name: str) -> None
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
     assert slow.abs().max() > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_given_the_model_the_backward_frees_activations_and_nothing_else_changes(
+    case: str, name: str
+) -> None:
+    """With the model, stored activations give way to masks, indices and shapes during the
+    backward (ahead of their layers' hooks); the sweep and BackPACK's own products (the
+    fallback, and users' calls) still give the values of the uncompacted run."""
+    make, shape, loss, outputs, dtype = CASES[case]
+    if case.startswith("batchnorm") and name.startswith("pch"):
+        pytest.skip("BackPACK's PCHMP does not support BatchNorm1d")
+    torch.manual_seed(0)
+    model = extend(make().to(dtype))
+    x, y, loss_fn = batch(shape, loss, outputs, dtype)
+    ds = directions(model)
+    torch.manual_seed(1)  # the same dropout masks in both runs
+    want = fast_and_closures(name, model, extend(loss_fn), x, y, ds)
+    torch.manual_seed(1)
+    got = fast_and_closures(name, model, extend(loss_fn), x, y, ds, given=True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+    curvature = BackpackCurvature(name, model=model)
+    with backpack(curvature.extension()):
+        extend(loss_fn)(model(x), y).backward()
+    freed = [
+        m for m in model if any(0 in getattr(m, a).stride() for a in ("input0", "output") if hasattr(m, a))
+    ]
+    if case == "relu-pool-cnn-ce":  # every conv's and ReLU's output, the pools' inputs
+        assert [type(m).__name__ for m in freed] == ["Conv2d", "ReLU", "MaxPool2d"] * 2 + ["Linear"]
+    curvature.release(list(model.parameters()))
 
 
 def test_sweep_does_not_call_the_products() -> None:

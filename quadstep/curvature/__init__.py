@@ -23,13 +23,14 @@ Curvature = BackpackCurvature | ExactCurvature
 def make_curvature(name: str, model: nn.Module | None = None, loss_fn: nn.Module | None = None) -> Curvature:
     """The curvature query called ``name`` (one of :data:`CURVATURES`).
 
-    ``model`` and ``loss_fn`` are required by :data:`EXACT_CURVATURES` and unused by the others.
+    ``model`` and ``loss_fn`` are required by :data:`EXACT_CURVATURES`; BackPACK curvatures use ``model``,
+    when given, to free activations early.
     """
     if name not in CURVATURES:
         raise ValueError(f"Invalid curvature: {name!r} (choose one of {', '.join(map(repr, CURVATURES))})")
     if name in EXACT_CURVATURES:
         return ExactCurvature(name, model, loss_fn)
-    return BackpackCurvature(name)
+    return BackpackCurvature(name, model=model)
 
 
 __all__ = [

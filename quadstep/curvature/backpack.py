@@ -44,13 +44,16 @@ does not flow along a single chain fall back to calling the products one by one.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from backpack import backpack, memory_cleanup
+from backpack import CTX, backpack, memory_cleanup
+from backpack.core.derivatives.maxpoolnd import MaxPoolNDDerivatives
+from backpack.core.derivatives.relu import ReLUDerivatives
 from backpack.extensions import GGNMP, HMP, PCHMP
 from backpack.extensions.backprop_extension import FAIL_ERROR, BackpropExtension
 from backpack.extensions.curvmatprod.ggnmp.ggnmpbase import GGNMPBase
@@ -58,6 +61,7 @@ from backpack.extensions.curvmatprod.pchmp.pchmpbase import PCHMPBase
 from backpack.extensions.module_extension import ModuleExtension
 from backpack.extensions.secondorder.base import SecondOrderBackpropExtension
 from backpack.utils.module_classification import is_loss
+from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
 from ._common import dot
@@ -124,24 +128,166 @@ def _grown(t: Tensor, extra: int) -> Tensor:
     return torch.cat([t, t.new_empty(extra, *t.shape[1:])]) if extra else t
 
 
+#: Layers whose products read only the shape of their output.
+_SHAPE_ONLY_OUTPUT = (
+    nn.ReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+)
+
+
+def _shape_only(t: Tensor, requires_grad: bool = False) -> Tensor:
+    """A tensor with the shape, dtype and device of ``t`` and one element of memory (zeros)."""
+    return t.new_zeros((), requires_grad=requires_grad).expand(t.shape)
+
+
+def _sole_producer(ext: Any, t: Tensor) -> nn.Module | None:
+    """The model's layer whose stored output is ``t``'s memory, if it is the only layer that
+    produced or reads that memory and reads only the shape of its output; else None.
+
+    By data_ptr, as BackPACK does: a layer's stored output and the next layer's stored input
+    are different tensor objects (backward hooks wrap them) over the same memory.
+    """
+    if ext.modules is None:
+        return None
+    key = t.data_ptr()
+    producers = ext.producers.get(key, [])
+    if len(producers) != 1 or ext.consumers[key] != 1 or not isinstance(producers[0], _SHAPE_ONLY_OUTPUT):
+        return None
+    producer = producers[0]
+    out = producer.output
+    return producer if out.data_ptr() == key and out.shape == t.shape and out.dtype == t.dtype else None
+
+
+def _compact_or(module: nn.Module, compute: Callable[[], Tensor]) -> Tensor:
+    """What :meth:`_Traced._compact` kept for ``module`` from its current input, else ``compute()``."""
+    kept = getattr(module, "quadstep_compact", None)
+    return kept[1] if kept is not None and module.input0 is kept[0] else compute()
+
+
+def _from_compact(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``ReLUDerivatives.df`` or ``MaxPoolNDDerivatives.get_pooling_idx`` that read the kept mask or
+    indices once the layer's input has been compacted."""
+
+    def read(module: nn.Module, *args: Any, subsampling: list[int] | None = None) -> Tensor:
+        kept = getattr(module, "quadstep_compact", None)
+        if kept is None or module.input0 is not kept[0]:
+            return method(module, *args, subsampling=subsampling)
+        value = subsample(kept[1], subsampling=subsampling)
+        if value.dtype == torch.bool:  # df: ReLU'(x), in the input's dtype
+            return value.to(module.input0.dtype)
+        return value.long()  # pooling indices, kept as int32
+
+    return read
+
+
 class _Traced(ModuleExtension):
     """Wraps one of BackPACK's HMP/GGNMP/PCHMP module extensions: saves and passes on the same
     products, as :class:`_ParamProduct` and :class:`_Node` that also know how to push tangents."""
 
     def __init__(self, inner: ModuleExtension) -> None:
         self.inner = inner
-        self.derivatives = inner.derivatives
+        self.derivatives = inner.derivatives  # this extension's own instance: patched below, not BackPACK's
+        if isinstance(self.derivatives, ReLUDerivatives):
+            self.derivatives.df = _from_compact(self.derivatives.df)  # type: ignore[method-assign]
+        if isinstance(self.derivatives, MaxPoolNDDerivatives):
+            self._pooling_idx = self.derivatives.get_pooling_idx
+            self.derivatives.get_pooling_idx = _from_compact(self._pooling_idx)  # type: ignore[method-assign]
         super().__init__(params=[name for name in ("weight", "bias") if hasattr(inner, name)])
 
     def __call__(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any) -> None:
         """As BackPACK's, but where only a residual would read the gradients w.r.t. the layer's
-        input and output (the products hold them until released), they are not handed on."""
+        input and output (the products hold them until released), they are not handed on; and
+        afterwards the layer's stored input and output are compacted (:meth:`_compact`)."""
         if not is_loss(module) and (
             isinstance(self.inner, GGNMPBase) or self.derivatives.hessian_is_zero(module)
         ):
             g_inp = g_out = None
         ext.touched[id(module)] = module
+        if is_loss(module) and ext.modules is not None:  # a backward begins: who produced which input
+            outputs = [m for m in ext.modules if isinstance(getattr(m, "output", None), Tensor)]
+            ext.producers = collections.defaultdict(list)
+            for m in outputs:
+                ext.producers[m.output.data_ptr()].append(m)
+            ext.consumers = collections.Counter(
+                m.input0.data_ptr() for m in ext.modules if isinstance(getattr(m, "input0", None), Tensor)
+            )
         super().__call__(ext, module, g_inp, g_out)
+        active = CTX.get_active_exts()
+        # Only once every extension has run on this layer, and only when all are quadstep's (another
+        # one's products would read the compacted values), and not when a second backward will come.
+        if (
+            active[-1] is ext
+            and all(isinstance(e, _Traceable) for e in active)
+            and not CTX.get_retain_graph()
+        ):
+            self._compact(ext, module, active)
+
+    def _compact(self, ext: Any, module: nn.Module, active: Sequence[Any]) -> None:
+        """Keep of the layer's stored input and output only what the products read later.
+
+        BackPACK keeps every layer's input and output alive through backward while a
+        curvature-product extension is active, and its products read them when called. Once
+        this layer's hook has run (the layers below read only their own): a ReLU keeps the
+        boolean mask of its Jacobian, a max-pooling layer its indices, and Linear/Conv layers
+        drop their output, of which only the shape is read. What is dropped is replaced by a
+        zero-strided tensor of the same shape, dtype and device (a stand-in).
+
+        When the optimizer was given the model, the layer below gets the same stand-in for
+        its output if it is the only reader of that memory and reads only the shape of its
+        output; and if that layer is a ReLU, its mask is taken now (``output > 0`` is
+        ``input > 0``) and the layer below it gets a stand-in too. Each activation is then freed
+        as soon as autograd is done with it, not when the backward reaches its layer.
+        """
+        kept = getattr(module, "quadstep_compact", None)
+        if kept is not None and module.input0 is kept[0]:
+            return  # compacted ahead of its hook, by the layer above
+        inp = module.input0
+        if type(module) is nn.ReLU:
+            standin = module.output = _shape_only(inp)  # first: the mask needs only the input
+
+            def kept_now() -> Tensor:
+                return inp > 0
+
+        elif isinstance(self.derivatives, MaxPoolNDDerivatives):
+            standin = _shape_only(inp)
+
+            def kept_now() -> Tensor:
+                index = self._pooling_idx(module)  # from module.input0, still inp
+                # An index into one input plane: as int32, half the memory (the plane's size says it fits)
+                return index.to(torch.int32) if inp[0, 0].numel() < 2**31 else index
+
+        else:
+            if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+                module.output = _shape_only(module.output)
+            return
+        self._compact_below(ext, inp, standin, active)  # first: frees memory before kept_now() takes some
+        module.quadstep_compact = (standin, kept_now())
+        module.input0 = standin
+
+    @staticmethod
+    def _compact_below(ext: Any, inp: Tensor, standin: Tensor, active: Sequence[Any]) -> None:
+        """Give the layer that produced ``inp`` the stand-in for its output, and compact a ReLU ahead."""
+        producer = _sole_producer(ext, inp)
+        if producer is None:
+            return
+        for e in active:  # what flows into the producer is found by its output's data_ptr
+            quantity = e.saved_quantities.retrieve_quantity(inp.data_ptr(), delete_old=True)
+            if quantity is not None:
+                e.saved_quantities.save_quantity(
+                    standin.data_ptr(), quantity, e.accumulate_backpropagated_quantities
+                )
+        producer.output = standin
+        below = _sole_producer(ext, producer.input0) if type(producer) is nn.ReLU else None
+        if below is not None:  # nothing flows into the ReLU's input yet: no quantity to move
+            ahead = _shape_only(producer.input0, requires_grad=True)  # BackPACK passes on only to those
+            producer.input0 = below.output = ahead  # frees the ReLU's input before its mask is made
+            producer.quadstep_compact = (ahead, inp > 0)
 
     def check_hyperparameters_module_extension(
         self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any
@@ -191,7 +337,9 @@ class _Traced(ModuleExtension):
 
             return linear
         if type(module) is nn.ReLU:
-            mask = functools.cache(lambda: module.input0 > 0)  # computed once for every group
+            mask = functools.cache(
+                lambda: _compact_or(module, lambda: module.input0 > 0)
+            )  # once for every group
             return lambda u, extra: _grown(u.mul_(mask()), extra)
         if type(module) is nn.MaxPool2d:
             indices = functools.cache(lambda: self.derivatives.get_pooling_idx(module).flatten(2))
@@ -255,6 +403,8 @@ class _Traceable(SecondOrderBackpropExtension):
     """
 
     touched: dict[int, nn.Module]
+    #: The model's modules when the optimizer was given the model, else None.
+    modules: list[nn.Module] | None
 
     def __init__(
         self,
@@ -266,6 +416,9 @@ class _Traceable(SecondOrderBackpropExtension):
         traced = {module: _Traced(ext) for module, ext in module_exts.items()}
         super().__init__(savefield, traced, fail_mode=fail_mode, subsampling=subsampling)
         self.touched = {}
+        self.modules = None
+        self.producers: dict[int, list[nn.Module]] = {}
+        self.consumers: collections.Counter[int] = collections.Counter()
 
 
 class _ClearErrors:
@@ -312,6 +465,9 @@ class BackpackCurvature:
             (PCHMP with ``modify="clip"``/``"abs"``).
         savefield: the attribute BackPACK stores the products under (default: the
             extension's own, ``hmp``, ``ggnmp`` or ``pchmp``).
+        model: the extended model (optional): lets the backward free each activation
+            BackPACK keeps as soon as no product needs more than a mask, indices or a shape
+            of it (see ``_Traced._compact``), which lowers the peak memory of conv nets.
     """
 
     _EXTENSIONS = {
@@ -325,16 +481,18 @@ class BackpackCurvature:
     #: Its terms are already the per-parameter values d_pᵀC_pp d_p.
     BLOCK_DIAGONAL = True
 
-    def __init__(self, name: str, savefield: str | None = None) -> None:
+    def __init__(self, name: str, savefield: str | None = None, model: nn.Module | None = None) -> None:
         self.name = name
         self._cls, default_savefield, self._kwargs = self._EXTENSIONS[name]
         self.savefield = savefield or default_savefield
         self._touched: dict[int, nn.Module] = {}  # shared by every extension made here
+        self._modules = None if model is None else list(model.modules())
 
     def extension(self) -> BackpropExtension:
         """The BackPACK extension to run ``loss.backward()`` under."""
         ext = self._cls(savefield=self.savefield, **self._kwargs)
         ext.touched = self._touched
+        ext.modules = self._modules
         return ext
 
     def context(self) -> AbstractContextManager[Any]:
@@ -374,6 +532,8 @@ class BackpackCurvature:
             return  # another curvature's products (a CurvatureProbe's) still need them
         for module in self._touched.values():
             memory_cleanup(module)
+            if hasattr(module, "quadstep_compact"):
+                delattr(module, "quadstep_compact")
         self._touched.clear()
 
 
