@@ -3,7 +3,7 @@
 The pieces, each in one place:
 
 - :mod:`quadstep.direction`: where to look (Adam's and SGD's directions).
-- :mod:`quadstep.curvature`: how curved the loss is along it (BackPACK block-diagonal products, or exact ones).
+- :mod:`quadstep.curvature`: how curved the loss is along it (BackPACK's block-diagonal products, or exact).
 - :mod:`quadstep.stepsize`: how far to go (alpha* = -dᵀg / dᵀCd, clipping, fallbacks).
 - :mod:`quadstep.records`: what each step did and why.
 - :mod:`quadstep.optimizer`: the ``torch.optim.Optimizer`` that joins them.

@@ -38,8 +38,10 @@ The extensions are BackPACK's HMP/GGNMP/PCHMP; their module extensions are wrapp
 the products they save on the parameters (still callable as BackPACK's) also carry what the
 sweep needs. Two departures from BackPACK 1.7: the PCH residual is the one of the paper
 (BackPACK's multiplies it by :math:`\partial\ell/\partial z` twice, see ``_Traced._residual``),
-and layers whose curvature needs no gradients do not keep them alive. Models whose curvature
-does not flow along a single chain fall back to calling the products one by one.
+layers whose curvature needs no gradients do not keep them alive, and the layer inputs and
+outputs BackPACK stores are compacted to what the products read as the backward passes them
+(``_Traced._compact``). Models whose curvature does not flow along a single chain fall back to
+calling the products one by one.
 """
 
 from __future__ import annotations
@@ -249,7 +251,8 @@ class _Traced(ModuleExtension):
             return  # compacted ahead of its hook, by the layer above
         inp = module.input0
         if type(module) is nn.ReLU:
-            standin = module.output = _shape_only(inp)  # first: the mask needs only the input
+            module.output = _shape_only(inp)  # first: the mask needs only the input
+            standin = _shape_only(inp)  # its own: BackPACK keys what flows by data_ptr
 
             def kept_now() -> Tensor:
                 return inp > 0
@@ -337,9 +340,7 @@ class _Traced(ModuleExtension):
 
             return linear
         if type(module) is nn.ReLU:
-            mask = functools.cache(
-                lambda: _compact_or(module, lambda: module.input0 > 0)
-            )  # once for every group
+            mask = functools.cache(lambda: _compact_or(module, lambda: module.input0 > 0))  # once for all
             return lambda u, extra: _grown(u.mul_(mask()), extra)
         if type(module) is nn.MaxPool2d:
             indices = functools.cache(lambda: self.derivatives.get_pooling_idx(module).flatten(2))
