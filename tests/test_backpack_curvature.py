@@ -126,17 +126,22 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_sweep_equals_backpack_products_one_by_one(case: str, name: str) -> None:
+def setup_case(case: str, name: str) -> tuple[nn.Module, Tensor, Tensor, nn.Module, float]:
+    """(extended model, x, y, loss, tolerance) of ``CASES[case]`` for curvature ``name``."""
     make, shape, loss, outputs, dtype = CASES[case]
     if case.startswith("batchnorm") and name.startswith("pch"):
         pytest.skip("BackPACK's PCHMP does not support BatchNorm1d")
     torch.manual_seed(0)
     model = extend(make().to(dtype))
     x, y, loss_fn = batch(shape, loss, outputs, dtype)
-    fast, slow = fast_and_closures(name, model, extend(loss_fn), x, y, directions(model))
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    return model, x, y, extend(loss_fn), 1e-12 if dtype == torch.float64 else 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_sweep_equals_backpack_products_one_by_one(case: str, name: str) -> None:
+    model, x, y, loss_fn, tol = setup_case(case, name)
+    fast, slow = fast_and_closures(name, model, loss_fn, x, y, directions(model))
     torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
     assert slow.abs().max() > 1e-3  # not trivially zero
 
@@ -149,24 +154,18 @@ def test_given_the_model_the_backward_frees_activations_and_nothing_else_changes
     """With the model, stored activations give way to masks, indices and shapes during the
     backward (ahead of their layers' hooks); the sweep and BackPACK's own products (the
     fallback, and users' calls) still give the values of the uncompacted run."""
-    make, shape, loss, outputs, dtype = CASES[case]
-    if case.startswith("batchnorm") and name.startswith("pch"):
-        pytest.skip("BackPACK's PCHMP does not support BatchNorm1d")
-    torch.manual_seed(0)
-    model = extend(make().to(dtype))
-    x, y, loss_fn = batch(shape, loss, outputs, dtype)
+    model, x, y, loss_fn, tol = setup_case(case, name)
     ds = directions(model)
     torch.manual_seed(1)  # the same dropout masks in both runs
-    want = fast_and_closures(name, model, extend(loss_fn), x, y, ds)
+    want = fast_and_closures(name, model, loss_fn, x, y, ds)
     torch.manual_seed(1)
-    got = fast_and_closures(name, model, extend(loss_fn), x, y, ds, given=True)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    got = fast_and_closures(name, model, loss_fn, x, y, ds, given=True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
     curvature = BackpackCurvature(name, model=model)
     with backpack(curvature.extension()):
-        extend(loss_fn)(model(x), y).backward()
+        loss_fn(model(x), y).backward()
     freed = [
         m for m in model if any(0 in getattr(m, a).stride() for a in ("input0", "output") if hasattr(m, a))
     ]
