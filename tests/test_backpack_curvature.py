@@ -174,6 +174,39 @@ def test_given_the_model_the_backward_frees_activations_and_nothing_else_changes
     curvature.release(list(model.parameters()))
 
 
+@pytest.mark.parametrize("given", [False, True])
+@pytest.mark.parametrize("probe_first", [False, True])
+def test_compaction_with_a_probe_in_either_order(probe_first: bool, given: bool) -> None:
+    """Optimizer and probe in one backward: what each measures equals an uncompacted run
+    (``retain_graph=True`` turns compaction off), whichever extension runs last on a layer."""
+    from quadstep.compare import CurvatureProbe, preview_directions
+
+    def run(retain: bool) -> Tensor:
+        model, x, y, loss_fn, _ = setup_case("relu-pool-cnn-ce", "hessian")
+        opt = QuadraticLineSearchAdam(
+            model.parameters(), curvature="hessian", mode="observe", model=model if given else None
+        )
+        probe = CurvatureProbe(["ggn", "pch-abs"])
+        values = []
+        for _ in range(3):
+            opt.zero_grad()
+            exts = (
+                [*probe.extensions(), opt.extension()]
+                if probe_first
+                else [opt.extension(), *probe.extensions()]
+            )
+            with backpack(*exts, retain_graph=retain):
+                loss_fn(model(x), y).backward(retain_graph=retain)
+            params, ds = preview_directions(opt)
+            forms = probe.quadratic_forms(params, ds)
+            probe.release(params)
+            opt.step()
+            values.append(torch.stack([forms["ggn"], forms["pch-abs"], opt.history[-1].dHd.double()]))
+        return torch.stack(values)
+
+    torch.testing.assert_close(run(retain=False), run(retain=True), rtol=1e-9, atol=1e-12)
+
+
 def test_sweep_does_not_call_the_products() -> None:
     """The fast path pushes tangents: BackPACK's per-parameter products stay uncalled."""
     torch.manual_seed(0)
