@@ -236,7 +236,7 @@ def test_tangents_travel_in_groups_of_several_rows(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(curvature_module, "_push_through", recording)
     torch.manual_seed(0)
     model = extend(mlp(nn.Sigmoid, (20, 16, 16, 16, 3)).double())
-    x, y, loss_fn = batch((4, 20), "mse", 3, torch.float64)
+    x, y, loss_fn = batch((12, 20), "mse", 3, torch.float64)
     fast, slow = fast_and_closures("hessian", model, extend(loss_fn), x, y, directions(model))
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
     assert 1 < len(groups) < len(fast) and max(map(len, groups)) > 2

@@ -542,9 +542,11 @@ def _sweep(products: Sequence[Any], directions: Sequence[Tensor]) -> list[Tensor
     r"""All :math:`d_p^\top C_{pp} d_p` by forward sweeps of stacked tangents, or None when a
     product is not a :class:`_ParamProduct` or the layers do not form one chain to a loss.
 
-    The tangents travel in groups of consecutive layers, each group holding at most a quarter
-    as many entries as the parameters have (or one tangent), so that the two stacks alive
-    during a push never outgrow half the parameter count; each group starts at its deepest layer.
+    The tangents travel in groups of consecutive layers, each group holding at most half as
+    many entries as the parameters have (or one tangent), so that the two stacks alive during a
+    push never outgrow the parameter count (Adam holds four times as much in parameters,
+    gradients and moments); each group starts at its deepest layer. Fewer groups mean fewer
+    sweeps: a quarter instead of a half made three sweeps of one at MLP depth 3, 0.45 ms more.
     """
     if not products or not all(isinstance(p, _ParamProduct) and isinstance(p.node, _Node) for p in products):
         return None
@@ -559,7 +561,7 @@ def _sweep(products: Sequence[Any], directions: Sequence[Tensor]) -> list[Tensor
         return None
 
     order = sorted(range(len(products)), key=lambda i: position[id(products[i].node)])
-    budget = max(sum(d.numel() for d in directions) // 4, max(p.node.size for p in products))
+    budget = max(sum(d.numel() for d in directions) // 2, max(p.node.size for p in products))
     groups: list[list[int]] = [[]]
     held = 0
     for i in order:
