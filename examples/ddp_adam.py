@@ -28,6 +28,7 @@ ranks' mean losses, not of the mean over the global batch.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import warnings
 
@@ -110,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{world} process(es), {step} steps, parameters identical on every rank, "
               f"train accuracy {accuracy:.3f}")
     if distributed:
-        dist.barrier()  # rank 0 may still be printing: tearing gloo down under it can abort a rank
+        # DDP's reducer holds gloo work: free it while the interpreter is alive, then leave together.
+        del model, opt
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

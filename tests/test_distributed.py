@@ -12,6 +12,7 @@ process-group timeout and the join deadline, never blocks CI.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -111,6 +112,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         results = {name: train(name, rank, world) for name in CONFIGS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Free DDP's reducers (held in reference cycles) while the interpreter is alive, then leave
+        # together: gloo work destroyed at interpreter exit, or under a working peer, aborts a rank.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
