@@ -64,23 +64,21 @@ def adam(
     # A non-finite g enters as 0 with weight 0 (m) or with v scaled by 1 (v): both stay exactly as they were.
     weight1 = torch.where(finite, t.new_full((), 1 - beta1), 0.0)
     scale2 = torch.where(finite, t.new_full((), beta2), 1.0)
-    # Every scalar above in each parameter dtype, cast once: [weight1, scale2, k1..., k2...].
-    scalars = torch.cat([torch.stack([weight1, scale2]), k1, neg_bias_correction1 * eps])
+    # Every scalar in each parameter dtype, cast once: [finite, weight1, scale2, k1..., k2...].
+    scalars = torch.cat([torch.stack([finite.to(t.dtype), weight1, scale2]), k1, neg_bias_correction1 * eps])
     cast: dict[torch.dtype, list[Tensor]] = {}
-    finite_as: dict[torch.dtype, Tensor] = {}
     n = len(params)
     directions = []
     for i, (g, state) in enumerate(zip(grads, states)):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if m.dtype not in cast:
             cast[m.dtype] = list(scalars.to(m.dtype).unbind())
-            finite_as[m.dtype] = finite.to(m.dtype)
         c = cast[m.dtype]
-        d = _guarded(g, finite_as[m.dtype])  # the one new tensor: first g, then d
-        m.lerp_(d, c[0])
-        v.mul_(c[1]).addcmul_(d, d, value=1 - beta2)
+        d = _guarded(g, c[0])  # the one new tensor: first g, then d
+        m.lerp_(d, c[1])
+        v.mul_(c[2]).addcmul_(d, d, value=1 - beta2)
         torch.sqrt(v, out=d)
-        d.mul_(c[2 + i]).add_(c[2 + n + i])
+        d.mul_(c[3 + i]).add_(c[3 + n + i])
         d = torch.div(m, d, out=d)
         if d.dtype == torch.float16:  # eps underflows to 0: a never-seen entry is 0/0
             d = torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)

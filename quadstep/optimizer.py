@@ -121,9 +121,8 @@ class QuadraticLineSearch(Optimizer):
 
         # 3. The step size; the mode only decides which scalar multiplies d.
         use_alpha_star = self.mode == "scale"
-        bounds = (
-            (self.alpha_min, self.alpha_max) if use_alpha_star else (0.0, math.inf)
-        )  # observe: no clipping
+        # Observe mode clips nothing.
+        bounds = (self.alpha_min, self.alpha_max) if use_alpha_star else (0.0, math.inf)
         rule = quadratic_step(dg, dcd, grad_sq, *bounds)
         block_rule = quadratic_step(block_dg, block_dcd, grad_sq, *bounds) if blocks else None
 

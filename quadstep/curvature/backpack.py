@@ -166,10 +166,11 @@ def _sole_producer(ext: Any, t: Tensor) -> nn.Module | None:
     return producer if out.data_ptr() == key and out.shape == t.shape and out.dtype == t.dtype else None
 
 
-def _compact_or(module: nn.Module, compute: Callable[[], Tensor]) -> Tensor:
-    """What :meth:`_Traced._compact` kept for ``module`` from its current input, else ``compute()``."""
+def _kept(module: nn.Module) -> Tensor | None:
+    """What :meth:`_Traced._compact` kept for ``module`` (mask or indices), if it was kept from
+    the input the module holds now; else None."""
     kept = getattr(module, "quadstep_compact", None)
-    return kept[1] if kept is not None and module.input0 is kept[0] else compute()
+    return kept[1] if kept is not None and module.input0 is kept[0] else None
 
 
 def _from_compact(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -177,10 +178,10 @@ def _from_compact(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     indices once the layer's input has been compacted."""
 
     def read(module: nn.Module, *args: Any, subsampling: list[int] | None = None) -> Tensor:
-        kept = getattr(module, "quadstep_compact", None)
-        if kept is None or module.input0 is not kept[0]:
+        kept = _kept(module)
+        if kept is None:
             return method(module, *args, subsampling=subsampling)
-        value = subsample(kept[1], subsampling=subsampling)
+        value = subsample(kept, subsampling=subsampling)
         if value.dtype == torch.bool:  # df: ReLU'(x), in the input's dtype
             return value.to(module.input0.dtype)
         return value.long()  # pooling indices, kept as int32
@@ -246,8 +247,7 @@ class _Traced(ModuleExtension):
         ``input > 0``) and the layer below it gets a stand-in too. Each activation is then freed
         as soon as autograd is done with it, not when the backward reaches its layer.
         """
-        kept = getattr(module, "quadstep_compact", None)
-        if kept is not None and module.input0 is kept[0]:
+        if _kept(module) is not None:
             return  # compacted ahead of its hook, by the layer above
         inp = module.input0
         if type(module) is nn.ReLU:
@@ -340,7 +340,12 @@ class _Traced(ModuleExtension):
 
             return linear
         if type(module) is nn.ReLU:
-            mask = functools.cache(lambda: _compact_or(module, lambda: module.input0 > 0))  # once for all
+
+            def make_mask() -> Tensor:
+                kept = _kept(module)
+                return module.input0 > 0 if kept is None else kept
+
+            mask = functools.cache(make_mask)  # computed once for every group
             return lambda u, extra: _grown(u.mul_(mask()), extra)
         if type(module) is nn.MaxPool2d:
             indices = functools.cache(lambda: self.derivatives.get_pooling_idx(module).flatten(2))
