@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from quadstep import QuadraticLineSearchAdam
+from quadstep.curvature.exact import ExactCurvature
 
 DTYPE = torch.float64
 EPS = 1e-8
@@ -414,6 +415,68 @@ def test_inplace_relu_after_linear_falls_back_correctly() -> None:
     opt, d = _run_first_step(model, x, y, nn.CrossEntropyLoss(), "ggn-exact")
     _, dgd = _reference(reference, x, y, nn.CrossEntropyLoss(), d)
     assert float(opt.history[-1].dHd) == pytest.approx(dgd, rel=1e-9)
+
+
+def _chains() -> dict[str, nn.Module]:
+    """Plain nn.Sequential models: nested, a max-pool, Flatten, train-mode Dropout, a reused ReLU
+    and a Linear called twice."""
+    torch.manual_seed(0)
+    relu, twice = nn.ReLU(), nn.Linear(5, 5)
+    conv = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU()),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(8, 5),
+        relu,
+        twice,
+        relu,
+        twice,
+        nn.Sequential(),
+        nn.Linear(5, 3),
+    )
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6, bias=False), nn.ReLU(), nn.Linear(6, 3))
+    return {"conv": conv.to(DTYPE), "mlp": mlp.to(DTYPE)}
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["walked", "hooked"])
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+def test_sequential_chain_walk_against_autograd(kind: str, hooked: bool, monkeypatch) -> None:
+    """A plain nn.Sequential is walked leaf by leaf (no dual numbers for Linear/Conv/ReLU); a
+    foreign forward hook on a leaf sends it through the model's own forward instead. Both give
+    the explicit-Jacobian GGN, with the dropout mask of the gradient's forward."""
+    model = _chains()[kind]
+    twin = copy.deepcopy(model)
+    if hooked:
+        next(m for m in model.modules() if isinstance(m, nn.ReLU)).register_forward_hook(lambda *a: None)
+    walks = []
+    walk = ExactCurvature._walk
+    monkeypatch.setattr(ExactCurvature, "_walk", lambda self, *a: walks.append(1) or walk(self, *a))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((7, 1, 4, 4) if kind == "conv" else (7, 4), generator=gen, dtype=DTYPE)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = QuadraticLineSearchAdam(
+        model.parameters(), eps=EPS, curvature="ggn-exact", mode="observe", model=model, loss_fn=loss_fn
+    )
+    torch.manual_seed(42)
+    loss_fn(model(x), y).backward()
+    d = _first_direction(model)
+    opt.step()
+    assert len(walks) == (0 if hooked else 1)
+
+    def masked(params: dict[str, Tensor]) -> Tensor:
+        torch.manual_seed(42)  # the same dropout mask as the forward of the gradient
+        return functional_call(twin, params, (x,))
+
+    out_of, theta = _flat_fn(twin, masked)
+    jac = torch.autograd.functional.jacobian(out_of, theta)
+    z = out_of(theta).detach()
+    jd = (jac.reshape(-1, theta.numel()) @ d).reshape(-1)
+    loss_hessian = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), z).reshape(z.numel(), -1)
+    expected = float(jd @ loss_hessian @ jd)
+    assert expected > 0
+    assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
 
 
 # ---------------------------------------------------------------- errors

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +69,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
 #: Losses with a closed-form Hessian w.r.t. the model's output (for "ggn-exact").
@@ -175,6 +176,7 @@ class ExactCurvature:
                 owners.setdefault(p, []).append(m in fast_set)
         #: Parameters used only by fast layers: no dual copy needed, their tangent is looked up.
         self._fast_only = {p for p, in_fast in owners.items() if all(in_fast)}
+        self._own_params = {m: list(m.parameters(recurse=False)) for m in fast}
         self._active: _Forward | None = None
         self._last: _Forward | None = None
         self._calls: list[_LossCall] = []
@@ -210,6 +212,19 @@ class ExactCurvature:
             loss_fn.register_forward_hook(loss, with_kwargs=True),
         ]
         weakref.finalize(self, _remove, handles)
+        self._own_hooks = {h.id for h in handles}
+        # A plain nn.Sequential whose leaves are fast layers or hold no parameters and no buffers
+        # is walked leaf by leaf, without dual numbers (see _walk).
+        leaves = _leaves(model) if name == "ggn-exact" else None
+        plain = leaves is not None and all(
+            m in fast_set or not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
+            for m in leaves
+        )
+        self._chain = leaves if plain else None
+        self._chain_modules = [m for m in self._modules if type(m) is nn.Sequential] + (leaves or [])
+        self._uses = {m: (leaves or []).count(m) for m in fast}
+        # Only leaves other than fast layers and ReLU may read the RNG or their mode.
+        self._chain_replays = any(m not in fast_set and type(m) is not nn.ReLU for m in leaves or [])
 
     # ---------------------------------------------------------------- recording
     def _forward_begins(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -344,18 +359,23 @@ class ExactCurvature:
                 terms += self._ggn(forward, fcalls, tangents)
             else:
                 terms.append(self._hessian(forward, fcalls, tangents))
-        return torch.stack(terms).sum()
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def _ggn(self, forward: _Forward, calls: list[_LossCall], tangents: dict[Tensor, Tensor]) -> list[Tensor]:
         # Parameters used only by layers that reuse recorded outputs need no dual copy:
         # those layers read their tangents from `tangents`.
-        fast = {p for m in forward.outputs for p in m.parameters(recurse=False)} & self._fast_only
+        fast = {p for m in forward.outputs for p in self._own_params[m]} & self._fast_only
         with fwAD.dual_level(), torch.no_grad():
-            duals = {
-                self._names[p]: fwAD.make_dual(p, d.to(p.dtype)) for p, d in tangents.items() if p not in fast
-            }
-            out = self._rerun(forward, duals, tangents)
-            tangent = fwAD.unpack_dual(out).tangent
+            if self._walkable(forward, tangents, fast):
+                with self._replaying(forward) if self._chain_replays else contextlib.nullcontext():
+                    tangent = self._walk(forward, tangents)
+            else:
+                duals = {
+                    self._names[p]: fwAD.make_dual(p, d.to(p.dtype))
+                    for p, d in tangents.items()
+                    if p not in fast
+                }
+                tangent = fwAD.unpack_dual(self._rerun(forward, duals, tangents)).tangent
         if tangent is None:  # d is zero on every parameter the output depends on
             tangent = torch.zeros_like(forward.output)
         return [
@@ -388,6 +408,70 @@ class ExactCurvature:
             (curvature,) = torch.autograd.grad(slope, alpha, allow_unused=True)
         return torch.zeros_like(alpha.detach()) if curvature is None else curvature.detach()
 
+    def _walkable(self, forward: _Forward, tangents: dict[Tensor, Tensor], fast: set[Tensor]) -> bool:
+        """Whether :meth:`_walk` computes what the model's own forward on dual numbers would."""
+        if self._chain is None or forward.kwargs or len(forward.args) != 1 or not fast.issuperset(tangents):
+            return False
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return False
+        own = self._own_hooks
+        for m in self._chain_modules:  # somebody else's hook might change what flows between the layers
+            if m._forward_pre_hooks.keys() - own or m._forward_hooks.keys() - own:
+                return False
+        for m, uses in self._uses.items():  # every call recorded, no output changed in place since
+            recorded = forward.outputs.get(m, [])
+            if len(recorded) != uses or any(out._version != version for out, version in recorded):
+                return False
+        return True
+
+    def _walk(self, forward: _Forward, tangents: dict[Tensor, Tensor]) -> Tensor | None:
+        r"""The output's tangent :math:`Jd`, passed from leaf to leaf of the ``nn.Sequential`` chain.
+
+        Each leaf maps (input, tangent) to (output, tangent): a fast layer returns its
+        recorded output and :math:`\dot W x + W \dot x + \dot b`; a ReLU masks the tangent
+        (``threshold_backward``, its forward-mode rule in PyTorch); any other leaf (no
+        parameters, no buffers) runs on dual numbers. Same values as the dual-number
+        forward, without the module calls, forward swaps and dual packing per layer.
+        """
+        recorded = {m: iter(outputs) for m, outputs in forward.outputs.items()}
+        x, t = forward.args[0], None
+        for m in self._chain:
+            if m in self._uses:
+                out, _ = next(recorded[m])
+                weight, bias = m.weight, m.bias
+                b_dot = None if bias is None else tangents.get(bias)
+                t, x = _layer_tangent(m, x, t, weight, tangents.get(weight), b_dot, out), out
+            elif type(m) is nn.ReLU:
+                t = None if t is None else torch.ops.aten.threshold_backward(t, x, 0.0)
+                x = torch.relu(x)
+            elif t is None:
+                x = m(x)
+            else:
+                x, t = fwAD.unpack_dual(m(fwAD.make_dual(x, t)))
+        return t
+
+    @contextlib.contextmanager
+    def _replaying(self, forward: _Forward) -> Iterator[None]:
+        """Module modes and RNG state as in the recorded forward; this object's hooks idle."""
+        flipped = [m for m, mode in zip(self._modules, forward.modes) if m.training != mode]
+        rng = torch.get_rng_state()
+        cuda_rng = [(i, torch.cuda.get_rng_state(i)) for i, _ in forward.cuda_rng]
+        self._rerunning = True
+        try:
+            for m in flipped:
+                m.training = not m.training
+            torch.set_rng_state(forward.rng)
+            for i, state in forward.cuda_rng:
+                torch.cuda.set_rng_state(state, i)
+            yield
+        finally:
+            self._rerunning = False
+            torch.set_rng_state(rng)
+            for i, state in cuda_rng:
+                torch.cuda.set_rng_state(state, i)
+            for m in flipped:
+                m.training = not m.training
+
     def _rerun(
         self, forward: _Forward, duals: dict[str, Tensor], tangents: dict[Tensor, Tensor] | None = None
     ) -> Tensor:
@@ -396,33 +480,19 @@ class ExactCurvature:
         With ``tangents``, Linear/Conv layers reuse their recorded outputs and compute
         only the tangent, reading the tangent of their own parameters from ``tangents``.
         """
-        flipped = [m for m, mode in zip(self._modules, forward.modes) if m.training != mode]
         swapped = list(forward.outputs) if tangents is not None else []
-        rng = torch.get_rng_state()
-        cuda_rng = [(i, torch.cuda.get_rng_state(i)) for i, _ in forward.cuda_rng]
-        self._rerunning = True
-        try:
-            for m in flipped:
-                m.training = not m.training
-            for module in swapped:  # an instance attribute shadows the class's forward until deleted
-                module.forward = _tangent_forward(module, forward.outputs[module], tangents or {})
-            torch.set_rng_state(forward.rng)
-            for i, state in forward.cuda_rng:
-                torch.cuda.set_rng_state(state, i)
-            buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-            if duals or buffers:
-                out = functional_call(self.model, {**buffers, **duals}, forward.args, forward.kwargs)
-            else:
-                out = self.model(*forward.args, **forward.kwargs)
-        finally:
-            self._rerunning = False
-            torch.set_rng_state(rng)
-            for i, state in cuda_rng:
-                torch.cuda.set_rng_state(state, i)
-            for module in swapped:
-                del module.forward
-            for m in flipped:
-                m.training = not m.training
+        with self._replaying(forward):
+            try:
+                for module in swapped:  # an instance attribute shadows the class's forward until deleted
+                    module.forward = _tangent_forward(module, forward.outputs[module], tangents or {})
+                buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+                if duals or buffers:
+                    out = functional_call(self.model, {**buffers, **duals}, forward.args, forward.kwargs)
+                else:
+                    out = self.model(*forward.args, **forward.kwargs)
+            finally:
+                for module in swapped:
+                    del module.forward
         if not isinstance(out, Tensor):
             raise RuntimeError(f"curvature={self.name!r} needs a model whose forward returns one tensor.")
         return out
@@ -445,7 +515,6 @@ def _tangent_forward(
     often than it was recorded.
     """
     calls = iter(outputs)
-    product = F.linear if isinstance(module, nn.Linear) else module._conv_forward
 
     def tangent_of(param: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         if param is None:
@@ -460,22 +529,50 @@ def _tangent_forward(
         if recorded is None or recorded[0]._version != recorded[1]:  # recompute, on dual numbers
             w = w if w_dot is None else fwAD.make_dual(w, w_dot.to(w.dtype))
             b = b if b_dot is None or b is None else fwAD.make_dual(b, b_dot.to(b.dtype))
-            return product(x, w, b)
+            return (F.linear if isinstance(module, nn.Linear) else module._conv_forward)(x, w, b)
         out = recorded[0]
         x, x_dot = fwAD.unpack_dual(x)
-        tangent = None
-        if w_dot is not None:
-            tangent = product(x, w_dot.to(w.dtype), None)
-        if x_dot is not None:
-            part = product(x_dot, w, None)
-            tangent = part if tangent is None else tangent.add_(part)
-        if b_dot is not None:
-            if not isinstance(module, nn.Linear):  # Conv: bias per channel, dimension 1
-                b_dot = b_dot.reshape((-1,) + (1,) * (out.dim() - 2))
-            tangent = b_dot.expand_as(out).clone() if tangent is None else tangent.add_(b_dot)
+        tangent = _layer_tangent(module, x, x_dot, w, w_dot, b_dot, out)
         return out if tangent is None else fwAD.make_dual(out, tangent)
 
     return forward
+
+
+def _layer_tangent(
+    module: nn.Module,
+    x: Tensor,
+    x_dot: Tensor | None,
+    w: Tensor,
+    w_dot: Tensor | None,
+    b_dot: Tensor | None,
+    out: Tensor,
+) -> Tensor | None:
+    r"""Tangent :math:`\dot W x + W \dot x + \dot b` of a Linear/Conv layer's output ``out``
+    (None when all three tangents are absent)."""
+    product = F.linear if isinstance(module, nn.Linear) else module._conv_forward
+    tangent = None
+    if w_dot is not None:  # with the bias tangent in the same call
+        tangent = product(x, w_dot.to(w.dtype), None if b_dot is None else b_dot.to(w.dtype))
+        b_dot = None
+    if x_dot is not None:
+        part = product(x_dot, w, None)
+        tangent = part if tangent is None else tangent.add_(part)
+    if b_dot is not None:
+        if not isinstance(module, nn.Linear):  # Conv: bias per channel, dimension 1
+            b_dot = b_dot.reshape((-1,) + (1,) * (out.dim() - 2))
+        tangent = b_dot.to(w.dtype).expand_as(out).clone() if tangent is None else tangent.add_(b_dot)
+    return tangent
+
+
+def _leaves(model: nn.Module) -> list[nn.Module] | None:
+    """The modules a plain ``nn.Sequential`` calls, nested ones flattened, in order; else None."""
+    if type(model) is not nn.Sequential:
+        return None
+    leaves: list[nn.Module] = []
+    for m in model:
+        inner = _leaves(m)
+        leaves += [m] if inner is None else inner
+    return leaves
 
 
 def _check_ggn_loss(loss_fn: nn.Module) -> None:
