@@ -7,7 +7,7 @@ never moves a parameter: the optimizer multiplies ``d`` by the chosen step size.
 Every direction takes ``finite``, a 0-dim bool tensor that is ``False`` when
 some gradient holds NaN/Inf. The state is then left exactly as it was, with
 tensor ops only, so that a step issues no host synchronisation, and ``d`` stays
-finite: the optimizer then steps by ``0·d``.
+finite (Adam's is 0): the optimizer then steps by ``0·d``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer
 
 
 def _guarded(g: Tensor, finite: Tensor | None = None) -> Tensor:
@@ -44,6 +45,10 @@ def adam(
 
     ``t`` is Adam's own step count, stored as ``state["step"]`` (a tensor, as in
     :class:`torch.optim.Adam`) and incremented here, once per step, never elsewhere.
+
+    Runs torch's fused Adam kernel (one pass) where it exists and every tensor is
+    contiguous (:data:`FUSED_DEVICES`), else the tensor ops below: the same d, m and v
+    up to rounding.
     """
     beta1, beta2 = group["betas"]
     eps = group["eps"]
@@ -55,6 +60,8 @@ def adam(
     steps = [s["step"] for s in states]
     # A list: _foreach_add_ with one 0-dim tensor reads its value on the host (a sync on a GPU).
     torch._foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
+    if all(_fusable(g, s) for g, s in zip(grads, states)):
+        return _adam_fused(group, grads, states, finite)
     # Bias corrections in float64: 1 - 0.999**t in float32 is off by 1e-5 at t = 1. A skipped
     # first step keeps t = 0; clamping it to 1 gives d = 0 from m = 0.
     # d = m / (k1·sqrt(v) + k2) with k1 = -(1-β1^t)/sqrt(1-β2^t), k2 = -(1-β1^t)·eps.
@@ -79,11 +86,65 @@ def adam(
         v.mul_(c[2]).addcmul_(d, d, value=1 - beta2)
         torch.sqrt(v, out=d)
         d.mul_(c[3 + i]).add_(c[3 + n + i])
-        d = torch.div(m, d, out=d)
+        d = torch.div(m, d, out=d).mul_(c[0])  # 0 for a non-finite g, as from the fused kernel
         if d.dtype == torch.float16:  # eps underflows to 0: a never-seen entry is 0/0
             d = torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
         directions.append(d)
     return directions
+
+
+def _fused_devices() -> frozenset[str]:
+    supported = getattr(optimizer, "_get_fused_kernels_supported_devices", None)
+    return frozenset(supported() if supported is not None else ())
+
+
+#: Device types with torch's fused Adam kernel (that of ``torch.optim.Adam(fused=True)``; CPU
+#: since torch 2.4). Elsewhere, and for non-contiguous tensors, :func:`adam` runs tensor ops.
+FUSED_DEVICES = _fused_devices()
+
+
+def _fusable(g: Tensor, state: dict[str, Any]) -> bool:
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    return (
+        g.device.type in FUSED_DEVICES
+        and g.dtype == m.dtype == v.dtype
+        and g.is_contiguous()
+        and m.is_contiguous()
+        and v.is_contiguous()
+    )
+
+
+def _adam_fused(
+    group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]], finite: Tensor
+) -> list[Tensor]:
+    """:func:`adam`'s direction in one pass over g, m and v: torch's fused Adam kernel steps the
+    "parameters" ``d = 0`` with ``lr = 1``, so they end at ``d``. With ``found_inf = 1`` (a
+    non-finite g) the kernel changes nothing: m and v stay as they were and ``d = 0``.
+    """
+    beta1, beta2 = group["betas"]
+    ds = [torch.zeros_like(g) for g in grads]
+    not_finite = (~finite).to(torch.float32)
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, g in enumerate(grads):
+        by_kind.setdefault((g.device, g.dtype), []).append(i)
+    for (device, _), idx in by_kind.items():
+        torch._fused_adam_(
+            [ds[i] for i in idx],
+            [grads[i] for i in idx],
+            [states[i]["exp_avg"] for i in idx],
+            [states[i]["exp_avg_sq"] for i in idx],
+            [],
+            [states[i]["step"] for i in idx],
+            lr=1.0,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+            found_inf=not_finite.to(device),
+        )
+    return ds
 
 
 def sgd(

@@ -60,19 +60,22 @@ def quadratic_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor, alpha_min: float, a
         alpha_min, alpha_max: clipping range of the step size.
     """
     alpha_star = -dg / dcd
+    values = torch.broadcast_tensors(grad_sq, dg, dcd, alpha_star)  # per-block dg, dcd are vectors
+    grad_sq, dg, dcd, alpha_star = values
+    bad_grad, bad_dg, bad_dcd, bad_alpha = torch.stack(values).isfinite().logical_not_().unbind()
     # Every condition, in the order of STATUSES[1:] (precedence, highest first), then "ok" (always).
     conditions = torch.stack(
-        torch.broadcast_tensors(  # per-block values are vectors, grad_sq is not
-            ~torch.isfinite(grad_sq),  # non-finite-gradient
-            ~torch.isfinite(dg),  # non-finite-direction: with a finite g, dᵀg is finite iff d is
+        [
+            bad_grad,  # non-finite-gradient
+            bad_dg,  # non-finite-direction: with a finite g, dᵀg is finite iff d is
             grad_sq == 0,  # zero-gradient
-            ~torch.isfinite(dcd) | ((dcd > 0) & alpha_star.isinf()),  # non-finite-curvature
+            bad_dcd | (bad_alpha & (dcd > 0)),  # non-finite-curvature (or alpha* overflows)
             dg >= 0,  # not-descent
             dcd <= 0,  # non-positive-curvature
             alpha_star > alpha_max,  # clipped-max
             alpha_star < alpha_min,  # clipped-min
-            torch.ones_like(dg, dtype=torch.bool),  # ok
-        )
+            torch.ones_like(bad_grad),  # ok
+        ]
     )
     first = conditions.to(torch.uint8).argmax(0)  # the first that holds
     code = (first + 1) % len(STATUSES)

@@ -4,6 +4,7 @@ closed-form quadratics, autograd Hessians; and the user's notebook bugs."""
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -50,7 +51,9 @@ def reference_adam_direction(grads: list[torch.Tensor], beta1=0.9, beta2=0.999, 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_observe_mode_reproduces_adam_and_adamw_with_param_groups(weight_decay: float, curvature: str) -> None:
+def test_observe_mode_reproduces_adam_and_adamw_with_param_groups(
+    weight_decay: float, curvature: str, adam_kernel: str
+) -> None:
     ours_model, ref_model = mlp(), mlp()
     extend(ours_model)
     loss_fn = extend(nn.MSELoss())
@@ -74,7 +77,7 @@ def test_observe_mode_reproduces_adam_and_adamw_with_param_groups(weight_decay: 
     assert [float(a) for a in ours.history[-1].alphas] == [3e-2, 1e-2]
 
 
-def test_direction_includes_current_gradient_and_step_counts_once() -> None:
+def test_direction_includes_current_gradient_and_step_counts_once(adam_kernel: str) -> None:
     """Notebook bugs: d from moments *before* g entered them (d = 0 at t = 1), and a
     step counter bumped by hand (bias correction with the wrong t)."""
     model = extend(mlp())
@@ -91,6 +94,42 @@ def test_direction_includes_current_gradient_and_step_counts_once() -> None:
         assert d.abs().min() > 0  # at t = 1 the stale-moment bug gives d = 0
         torch.testing.assert_close(opt.history[-1].dg, d @ grads[-1], rtol=1e-10, atol=0)
         assert all(float(opt.state[p]["step"]) == t for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_kernel_and_tensor_ops_give_the_same_direction_and_state(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adam's direction from torch's fused kernel equals the tensor-op path (and is 0 on a
+    non-finite gradient, with the state left as it was), step by step."""
+    import quadstep.direction as direction
+
+    if "cpu" not in direction.FUSED_DEVICES:
+        pytest.skip("this torch has no fused Adam kernel on CPU")
+    shapes = [(5, 7), (7,), (3, 2, 2)]
+    group = {"betas": (0.8, 0.99), "eps": 1e-6}
+    runs = {}
+    for kernel in ("fused", "tensor-ops"):
+        if kernel == "tensor-ops":
+            monkeypatch.setattr(direction, "FUSED_DEVICES", frozenset())
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.zeros(s, dtype=dtype) for s in shapes]
+        states: list[dict] = [{} for _ in shapes]
+        rows = []
+        for t in range(5):
+            grads = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+            if t == 2:
+                grads[1][3] = math.nan
+            finite = torch.tensor(t != 2)
+            ds = direction.adam(group, params, grads, states, finite)
+            rows.append([d.clone() for d in ds] + [v.clone() for s in states for v in s.values()])
+        runs[kernel] = rows
+    tol = 1e-15 if dtype == torch.float64 else 1e-6
+    for fused, ops in zip(runs["fused"], runs["tensor-ops"]):
+        for a, b in zip(fused, ops):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert all(not d.any() for d in runs["fused"][2][:3])  # d = 0 at the skipped step
+    assert [float(v) for v in runs["fused"][-1][3::3]] == [4.0] * 3  # step counts: 5 steps, one skipped
 
 
 def test_scale_mode_moves_parameters_by_alpha_times_d_and_records_that_step() -> None:
@@ -200,7 +239,7 @@ def test_closure_path_equals_explicit_context() -> None:
 
 
 @pytest.mark.parametrize("mode", ["scale", "observe"])
-def test_resume_from_checkpoint_continues_like_uninterrupted_run(mode: str) -> None:
+def test_resume_from_checkpoint_continues_like_uninterrupted_run(mode: str, adam_kernel: str) -> None:
     loss_fn = extend(nn.MSELoss())
     data = batches(12)
     full = extend(mlp())

@@ -209,7 +209,9 @@ SYNC_CASES = [
 
 
 @pytest.mark.parametrize(("optimizer", "mode", "curvature", "closure"), SYNC_CASES)
-def test_step_reads_no_tensor_value_on_the_host(optimizer: str, mode: str, curvature: str, closure: bool) -> None:
+def test_step_reads_no_tensor_value_on_the_host(
+    optimizer: str, mode: str, curvature: str, closure: bool, adam_kernel: str
+) -> None:
     model, loss_fn = extend(mlp()), extend(nn.CrossEntropyLoss())
     opt = make_optimizer(optimizer, model, loss_fn, curvature, mode)
     trajectory = run_steps(opt, model, loss_fn, no_host_reads, host_reads_allowed, closure=closure)
@@ -311,7 +313,9 @@ def fp64_reference(
 @pytest.mark.parametrize(
     ("dtype", "direction"), [(torch.bfloat16, "adam"), (torch.float16, "sgd"), (torch.bfloat16, "sgd")]
 )
-def test_low_precision_parameters_keep_float32_reductions(dtype: torch.dtype, direction: str) -> None:
+def test_low_precision_parameters_keep_float32_reductions(
+    dtype: torch.dtype, direction: str, adam_kernel: str
+) -> None:
     model = extend(mlp(dtype=dtype))
     loss_fn = extend(nn.CrossEntropyLoss())
     cls = QuadraticLineSearchAdam if direction == "adam" else QuadraticLineSearchSGD
@@ -338,7 +342,7 @@ def test_low_precision_parameters_keep_float32_reductions(dtype: torch.dtype, di
         assert p.dtype == dtype and torch.isfinite(p).all()
 
 
-def test_float16_default_eps_never_corrupts_parameters() -> None:
+def test_float16_default_eps_never_corrupts_parameters(adam_kernel: str) -> None:
     """fp16 with eps=1e-8: v underflows and eps rounds to 0, so d is non-finite; no step is taken."""
     model = extend(mlp(dtype=torch.float16))
     opt = QuadraticLineSearchAdam(model.parameters(), curvature="hessian")

@@ -119,7 +119,9 @@ def backward(model: nn.Module, loss_fn: nn.Module, opt: QuadraticLineSearchAdam)
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize("mode", ["scale", "observe"])
-def test_non_finite_gradient_leaves_parameters_and_moments_untouched(bad: float, mode: str) -> None:
+def test_non_finite_gradient_leaves_parameters_and_moments_untouched(
+    bad: float, mode: str, adam_kernel: str
+) -> None:
     model, loss_fn = model_and_loss()
     opt = QuadraticLineSearchAdam(model.parameters(), mode=mode, weight_decay=0.1)
     backward(model, loss_fn, opt)
@@ -141,7 +143,7 @@ def test_non_finite_gradient_leaves_parameters_and_moments_untouched(bad: float,
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_non_finite_gradient_on_first_step_keeps_state_at_zero() -> None:
+def test_non_finite_gradient_on_first_step_keeps_state_at_zero(adam_kernel: str) -> None:
     model, loss_fn = model_and_loss()
     opt = QuadraticLineSearchAdam(model.parameters())
     backward(model, loss_fn, opt)

@@ -594,32 +594,29 @@ def _ggn_quadratic(
     loss_fn: nn.Module, z: Tensor, z_dot: Tensor, rest: tuple[Any, ...], kwargs: dict[str, Any], w: Tensor
 ) -> Tensor:
     r""":math:`\dot z^\top (\sum_i w_i \nabla^2_z \ell_i)\, \dot z` for the recorded loss call."""
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    z, z_dot, w = z.to(dtype), z_dot.to(dtype), w.to(dtype)
+    if z.dtype not in (torch.float32, torch.float64):  # bf16/fp16 outputs: accumulate in float32
+        z, z_dot = z.float(), z_dot.float()
+    w = w.to(z.dtype)
     reduction = loss_fn.reduction
     if isinstance(loss_fn, nn.MSELoss):
-        sq = z_dot.square()
         if reduction == "none":
-            return 2 * (w * sq).sum()
+            return 2 * torch.dot((w * z_dot).reshape(-1), z_dot.reshape(-1))
         scale = 2.0 / z.numel() if reduction == "mean" else 2.0
-        return scale * w * sq.sum()
+        return torch.dot(z_dot.reshape(-1), z_dot.reshape(-1)).mul_(scale) * w
     # Cross-entropy: per position, the Hessian w.r.t. the logits is diag(p) - p pᵀ;
     # label smoothing only adds terms linear in z.
     target = rest[0] if rest else kwargs["target"]
     dim = 0 if z.dim() == 1 else 1
-    p = torch.softmax(z, dim=dim)
-    pz = p * z_dot
+    pz = torch.softmax(z, dim=dim).mul_(z_dot)
     q = (pz * z_dot).sum(dim) - pz.sum(dim).square()
     eps = loss_fn.label_smoothing
     if target.is_floating_point():  # probabilities: loss_i = sum_c t'_c (logsumexp z - z_c)
-        scale = (1 - eps) * target.to(dtype).sum(dim) + eps
-        count = q.numel()
+        scale = target.to(z.dtype).sum(dim).mul_(1 - eps).add_(eps)
+        count: Tensor | int = q.numel()
     else:
-        scale = (target != loss_fn.ignore_index).to(dtype)
+        scale = (target != loss_fn.ignore_index).to(z.dtype)
         count = scale.sum()
-    q = q * scale
     if reduction == "none":
-        return (w * q).sum()
-    if reduction == "mean":
-        return w * q.sum() / count
-    return w * q.sum()
+        return torch.dot((w * scale).reshape(-1), q.reshape(-1))
+    total = torch.dot(scale.reshape(-1), q.reshape(-1)).mul_(w)
+    return total / count if reduction == "mean" else total
