@@ -117,7 +117,8 @@ class QuadraticLineSearch(Optimizer):
             )
         self._curvature.release(params)
         values = self._average_over_ranks(torch.stack([v.to(dg.device) for v in terms + blocks]))
-        dcd, block_dcd = values[: len(terms)].sum(), values[len(terms) :]
+        dcd = values[0] if len(terms) == 1 else values[: len(terms)].sum()
+        block_dcd = values[len(terms) :]
 
         # 3. The step size; the mode only decides which scalar multiplies d.
         use_alpha_star = self.mode == "scale"

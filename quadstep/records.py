@@ -51,9 +51,8 @@ class StepRecord:
     ) -> StepRecord:
         """Pack the step's tensors into one row (tensor ops only: no host sync)."""
         dtype = alpha_star.dtype
-        head = torch.stack(
-            [alpha_star, dg, dHd, status_code.to(dtype), torch.full_like(alpha_star, len(alphas))]
-        )
+        groups = torch.full_like(alpha_star, len(alphas))
+        head = torch.stack([alpha_star, dg, dHd, status_code.to(dtype), groups])
         return cls(step, torch.cat([head, alphas.to(dtype)]))
 
     @property
@@ -130,7 +129,8 @@ class History(Sequence[StepRecord]):
         else:
             pos, self._len = (self._start + self._len) % capacity, self._len + 1
         self._buffer[pos, : len(row)] = row
-        self._buffer[pos, len(row) :] = math.nan
+        if len(row) < self._buffer.shape[1]:  # fewer param groups than an earlier row
+            self._buffer[pos, len(row) :] = math.nan
         self._last_step = record.step
 
     def clear(self) -> None:

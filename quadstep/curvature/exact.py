@@ -362,14 +362,18 @@ class ExactCurvature:
         return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def _ggn(self, forward: _Forward, calls: list[_LossCall], tangents: dict[Tensor, Tensor]) -> list[Tensor]:
-        # Parameters used only by layers that reuse recorded outputs need no dual copy:
-        # those layers read their tangents from `tangents`.
-        fast = {p for m in forward.outputs for p in self._own_params[m]} & self._fast_only
-        with fwAD.dual_level(), torch.no_grad():
-            if self._walkable(forward, tangents, fast):
-                with self._replaying(forward) if self._chain_replays else contextlib.nullcontext():
+        if self._walkable(forward, tangents):
+            with torch.no_grad():
+                if self._chain_replays:  # a leaf runs on dual numbers and may read the RNG or its mode
+                    with fwAD.dual_level(), self._replaying(forward):
+                        tangent = self._walk(forward, tangents)
+                else:
                     tangent = self._walk(forward, tangents)
-            else:
+        else:
+            # Parameters used only by layers that reuse recorded outputs need no dual copy:
+            # those layers read their tangents from `tangents`.
+            fast = {p for m in forward.outputs for p in self._own_params[m]} & self._fast_only
+            with fwAD.dual_level(), torch.no_grad():
                 duals = {
                     self._names[p]: fwAD.make_dual(p, d.to(p.dtype))
                     for p, d in tangents.items()
@@ -408,9 +412,11 @@ class ExactCurvature:
             (curvature,) = torch.autograd.grad(slope, alpha, allow_unused=True)
         return torch.zeros_like(alpha.detach()) if curvature is None else curvature.detach()
 
-    def _walkable(self, forward: _Forward, tangents: dict[Tensor, Tensor], fast: set[Tensor]) -> bool:
+    def _walkable(self, forward: _Forward, tangents: dict[Tensor, Tensor]) -> bool:
         """Whether :meth:`_walk` computes what the model's own forward on dual numbers would."""
-        if self._chain is None or forward.kwargs or len(forward.args) != 1 or not fast.issuperset(tangents):
+        if self._chain is None or forward.kwargs or len(forward.args) != 1:
+            return False
+        if not self._fast_only.issuperset(tangents):  # d on a parameter a fast layer does not own
             return False
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return False
