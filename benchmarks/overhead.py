@@ -5,7 +5,9 @@ Fashion-MNIST CNN of :mod:`benchmarks.workloads.fmnist_cnn`; batch 128, random d
 cross-entropy) and every curvature option in :data:`quadstep.CURVATURES`, one
 *step* is ``zero_grad`` + forward + backward + ``optimizer.step()``:
 
-- Adam: ``torch.optim.Adam`` on a plain model (merely ``extend``-ing a model slows its backward).
+- Adam: ``torch.optim.Adam`` on a plain model (merely ``extend``-ing a model slows its backward),
+  with its defaults: the reference of every ratio. ``adam-fused``: the same with ``fused=True``,
+  the kernel quadstep's Adam direction runs where it exists, for comparison.
 - BackPACK curvatures: :class:`~quadstep.QuadraticLineSearchAdam` on an ``extend``-ed copy,
   given ``model=`` (so that the backward frees the activations BackPACK keeps; not with
   ``--without-model``), forward and backward inside ``with backpack(opt.extension()):``.
@@ -104,17 +106,20 @@ def problems(depths: Sequence[int], cnn: bool) -> list[Problem]:
     return out
 
 
-def adam(template: nn.Module, x: Tensor, y: Tensor) -> Step:
-    model = copy.deepcopy(template)
-    loss_fn = nn.CrossEntropyLoss()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def adam(fused: bool = False) -> Callable[[nn.Module, Tensor, Tensor], Step]:
+    def build(template: nn.Module, x: Tensor, y: Tensor) -> Step:
+        model = copy.deepcopy(template)
+        loss_fn = nn.CrossEntropyLoss()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
 
-    def step() -> None:
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
+        def step() -> None:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
 
-    return step
+        return step
+
+    return build
 
 
 def quadstep_backpack(
@@ -161,8 +166,8 @@ def quadstep_plain(curvature: str) -> Callable[[nn.Module, Tensor, Tensor], Step
 
 
 def contenders(curvatures: Sequence[str], given_model: bool = True) -> list[Contender]:
-    """Adam first, then one quadstep contender per curvature option."""
-    out = [Contender("adam", "", adam)]
+    """Adam (the reference), Adam with its fused kernel, then one quadstep contender per curvature."""
+    out = [Contender("adam", "", adam()), Contender("adam-fused", "", adam(fused=True))]
     for name in curvatures:
         build = (
             quadstep_backpack(name, given_model) if name in BackpackCurvature.NAMES else quadstep_plain(name)
@@ -237,7 +242,7 @@ def run_problem(
     for entry in entries:
         try:
             step = entry.build(template, x, y)
-        except TypeError as err:  # an optimizer that takes no model/loss_fn: not an option here
+        except (TypeError, RuntimeError) as err:  # takes no model/loss_fn; no fused kernel here
             print(f"  skipped {entry.name} {entry.curvature}: {err}")
             continue
         runnable.append((entry, step))

@@ -515,8 +515,8 @@ def test_overhead_benchmark_writes_its_table(tmp_path) -> None:  # noqa: ANN001
     )  # fmt: skip
     rows = list(csv.DictReader(open(tmp_path / "overhead.csv", encoding="utf-8")))
     assert tuple(rows[0]) == overhead.COLUMNS
-    assert [r["optimizer"] for r in rows] == ["adam"] + ["quadstep"] * len(quadstep.CURVATURES)
-    assert [r["curvature"] for r in rows[1:]] == list(quadstep.CURVATURES)
+    assert [r["optimizer"] for r in rows] == ["adam", "adam-fused"] + ["quadstep"] * len(quadstep.CURVATURES)
+    assert [r["curvature"] for r in rows[2:]] == list(quadstep.CURVATURES)
     assert rows[0]["time_ratio_median"] == "1.000" and rows[0]["peak_ratio"] == "1.000"
     for r in rows:
         for column in overhead.COLUMNS[3:]:
