@@ -95,7 +95,8 @@ def adam(
 
 def _fused_devices() -> frozenset[str]:
     supported = getattr(optimizer, "_get_fused_kernels_supported_devices", None)
-    return frozenset(supported() if supported is not None else ())
+    # CPU and CUDA only: there the kernel's found_inf skip is the one GradScaler relies on.
+    return frozenset(supported() if supported is not None else ()) & {"cpu", "cuda"}
 
 
 #: Device types with torch's fused Adam kernel (that of ``torch.optim.Adam(fused=True)``; CPU

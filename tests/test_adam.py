@@ -121,7 +121,9 @@ def test_fused_kernel_and_tensor_ops_give_the_same_direction_and_state(
             if t == 2:
                 grads[1][3] = math.nan
             finite = torch.tensor(t != 2)
+            given = [g.clone() for g in grads]
             ds = direction.adam(group, params, grads, states, finite)
+            assert all(torch.equal(g, h) for g, h in zip(grads, given) if g.isfinite().all())  # g untouched
             rows.append([d.clone() for d in ds] + [v.clone() for s in states for v in s.values()])
         runs[kernel] = rows
     tol = 1e-15 if dtype == torch.float64 else 1e-6
