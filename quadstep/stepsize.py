@@ -60,9 +60,10 @@ def quadratic_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor, alpha_min: float, a
         alpha_min, alpha_max: clipping range of the step size.
     """
     alpha_star = -dg / dcd
-    values = torch.broadcast_tensors(grad_sq, dg, dcd, alpha_star)  # per-block dg, dcd are vectors
-    grad_sq, dg, dcd, alpha_star = values
-    bad_grad, bad_dg, bad_dcd, bad_alpha = torch.stack(values).isfinite().logical_not_().unbind()
+    if dg.dim():  # per-block dg and dcd are vectors, grad_sq is not
+        grad_sq, dg, dcd, alpha_star = torch.broadcast_tensors(grad_sq, dg, dcd, alpha_star)
+    values = torch.stack([grad_sq, dg, dcd, alpha_star])
+    bad_grad, bad_dg, bad_dcd, bad_alpha = values.isfinite().logical_not_().unbind()
     # Every condition, in the order of STATUSES[1:] (precedence, highest first), then "ok" (always).
     conditions = torch.stack(
         [
@@ -77,7 +78,7 @@ def quadratic_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor, alpha_min: float, a
             torch.ones_like(bad_grad),  # ok
         ]
     )
-    first = conditions.to(torch.uint8).argmax(0)  # the first that holds
+    first = conditions.max(0).indices  # the first that holds
     code = (first + 1) % len(STATUSES)
     defined = first >= _FIRST_DEFINED
     alpha = torch.where(defined, alpha_star.clamp(alpha_min, alpha_max), torch.nan)
