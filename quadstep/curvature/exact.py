@@ -34,9 +34,14 @@ its product: it returns the output recorded during the user's forward, and only
 the tangent :math:`\dot W x + W \dot x + \dot b` is computed, two products
 (one in the first layer, whose input has no tangent) against three for the
 forward and backward. Everything else (activations, normalisation, attention,
-residual sums) runs as written, on dual numbers. :math:`H_\ell` is applied in
-closed form: cross-entropy :math:`\sum_c p_c \dot z_c^2 - (\sum_c p_c \dot z_c)^2`
-per position, MSE :math:`2\sum \dot z^2`, scaled by the reduction and by ``w``.
+residual sums) runs as written, on dual numbers. A plain ``nn.Sequential``
+(nested ones included) whose other layers hold no parameters is walked layer by
+layer instead of called: Linear/Conv as above, ReLU by masking the tangent, any
+other layer on dual numbers; the same values with less machinery per layer (somebody
+else's forward hook on one of its modules sends it the general way).
+:math:`H_\ell` is applied in closed form: cross-entropy
+:math:`\sum_c p_c \dot z_c^2 - (\sum_c p_c \dot z_c)^2` per position, MSE
+:math:`2\sum \dot z^2`, scaled by the reduction and by ``w``.
 
 **hessian-exact** re-runs the forward at :math:`\theta + \alpha d` and differentiates
 the loss twice w.r.t. the scalar :math:`\alpha` at 0 (double backward: every
