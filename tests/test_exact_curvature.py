@@ -479,6 +479,23 @@ def test_sequential_chain_walk_against_autograd(kind: str, hooked: bool, monkeyp
     assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
 
 
+def test_sequential_changed_after_the_optimizer_was_built() -> None:
+    """A layer replaced after the optimizer was built (ReLU -> Tanh) is evaluated, not the old one."""
+    model = _chains()["mlp"]
+    x, y = _data("residual", "ce", n=8)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = QuadraticLineSearchAdam(
+        model.parameters(), eps=EPS, curvature="ggn-exact", mode="observe", model=model, loss_fn=loss_fn
+    )
+    model[1] = nn.Tanh()
+    reference = copy.deepcopy(model)
+    loss_fn(model(x), y).backward()
+    d = _first_direction(model)
+    opt.step()
+    _, dgd = _reference(reference, x, y, loss_fn, d)
+    assert float(opt.history[-1].dHd) == pytest.approx(dgd, rel=1e-9)
+
+
 # ---------------------------------------------------------------- errors
 
 

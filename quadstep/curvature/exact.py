@@ -421,6 +421,8 @@ class ExactCurvature:
         """Whether :meth:`_walk` computes what the model's own forward on dual numbers would."""
         if self._chain is None or forward.kwargs or len(forward.args) != 1:
             return False
+        if _leaves(self.model) != self._chain:  # layers replaced or added since the optimizer was built
+            return False
         if not self._fast_only.issuperset(tangents):  # d on a parameter a fast layer does not own
             return False
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
