@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from . import direction as directions
 from .curvature import make_curvature
-from .curvature._common import dot
+from .curvature._common import dot, stack_on
 from .records import History, StepRecord
 from .stepsize import StepSize, quadratic_step
 
@@ -105,7 +105,7 @@ class QuadraticLineSearch(Optimizer):
         # 1. The direction, from state that now includes g.
         ds, grad_sq = self._directions(groups, self.state.__getitem__)
         grads = [p.grad for p in params]
-        block_dg = torch.stack([dot(d, g).to(grad_sq.device) for d, g in zip(ds, grads)])
+        block_dg = stack_on([dot(d, g) for d, g in zip(ds, grads)], grad_sq.device)
         dg = block_dg.sum()
 
         # 2. The curvature along it: terms summing to dᵀCd (and d_pᵀC_pp d_p per block).
@@ -116,7 +116,7 @@ class QuadraticLineSearch(Optimizer):
                 terms if self._curvature.BLOCK_DIAGONAL else self._curvature.block_quadratic_forms(params, ds)
             )
         self._curvature.release(params)
-        values = self._average_over_ranks(torch.stack([v.to(dg.device) for v in terms + blocks]))
+        values = self._average_over_ranks(stack_on(terms + blocks, dg.device))
         dcd = values[0] if len(terms) == 1 else values[: len(terms)].sum()
         block_dcd = values[len(terms) :]
 
@@ -140,14 +140,15 @@ class QuadraticLineSearch(Optimizer):
             wd = group["weight_decay"] if self.decoupled_weight_decay else 0.0
             if wd != 0:  # ones_like * (...), not full_like: a tensor lr would be read on the host
                 shrink = torch.where(rule.skip, 1.0, torch.ones_like(dg) * (1.0 - lr * wd))
-            alpha_as = {p.dtype: alphas[-1].to(p.dtype) for p in ps}
+            alpha_as = {dtype: alphas[-1].to(dtype) for dtype in {p.dtype for p in ps}}
             for p in ps:
                 alpha = alpha_as[p.dtype]
                 if block_alphas is not None:
-                    alpha = self.state[p]["block_alpha"] = block_alphas[k]
+                    self.state[p]["block_alpha"] = block_alphas[k]
+                    alpha = block_alphas[k].to(p.dtype)
                 if wd != 0:
                     p.mul_(shrink.to(p.dtype))
-                p.addcmul_(ds[k], alpha.to(p.dtype))  # alpha = 0 on a skipped step; d is finite
+                p.addcmul_(ds[k], alpha)  # alpha = 0 on a skipped step; d is finite
                 k += 1
 
         self._steps += 1
@@ -180,7 +181,7 @@ class QuadraticLineSearch(Optimizer):
         """
         params = [p for _, ps in groups for p in ps]
         device = params[0].device
-        grad_sq = torch.stack([dot(p.grad, p.grad).to(device) for p in params]).sum()
+        grad_sq = stack_on([dot(p.grad, p.grad) for p in params], device).sum()
         finite = torch.isfinite(grad_sq)
         ds: list[Tensor] = []
         for group, ps in groups:

@@ -14,3 +14,8 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
         dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
         a, b = a.to(dtype), b.to(dtype)
     return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def stack_on(values: list[Tensor], device: torch.device) -> Tensor:
+    """``torch.stack(values)`` on ``device``, moving only the values that live elsewhere (model parallel)."""
+    return torch.stack([v if v.device == device else v.to(device) for v in values])
