@@ -106,18 +106,24 @@ def problems(depths: Sequence[int], cnn: bool) -> list[Problem]:
     return out
 
 
+def plain_step(
+    model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor
+) -> Step:
+    """zero_grad, forward, loss, a plain backward (no BackPACK context), step."""
+
+    def step() -> None:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
 def adam(fused: bool = False) -> Callable[[nn.Module, Tensor, Tensor], Step]:
     def build(template: nn.Module, x: Tensor, y: Tensor) -> Step:
         model = copy.deepcopy(template)
-        loss_fn = nn.CrossEntropyLoss()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
-
-        def step() -> None:
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-
-        return step
+        return plain_step(model, nn.CrossEntropyLoss(), opt, x, y)
 
     return build
 
@@ -149,18 +155,11 @@ def quadstep_backpack(
 
 def quadstep_plain(curvature: str) -> Callable[[nn.Module, Tensor, Tensor], Step]:
     def build(template: nn.Module, x: Tensor, y: Tensor) -> Step:
-        model = copy.deepcopy(template)
-        loss_fn = nn.CrossEntropyLoss()
+        model, loss_fn = copy.deepcopy(template), nn.CrossEntropyLoss()
         opt = quadstep.QuadraticLineSearchAdam(  # type: ignore[call-arg]
             model.parameters(), lr=1e-3, curvature=curvature, mode="observe", model=model, loss_fn=loss_fn
         )
-
-        def step() -> None:
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-
-        return step
+        return plain_step(model, loss_fn, opt, x, y)
 
     return build
 

@@ -139,6 +139,24 @@ def _reference(model: nn.Module, x: Tensor, y: Tensor, loss_fn: nn.Module, d: Te
     return float(dhd), float(dgd)
 
 
+def _seeded_ggn(
+    twin: nn.Module, x: Tensor, y: Tensor, loss_fn: nn.Module, d: Tensor, seed: int = 42
+) -> float:
+    """dᵀGd from the explicit Jacobian, every forward under ``manual_seed(seed)``: the dropout mask of
+    a gradient's forward run under the same seed."""
+
+    def masked(params: dict[str, Tensor]) -> Tensor:
+        torch.manual_seed(seed)
+        return functional_call(twin, params, (x,))
+
+    out_of, theta = _flat_fn(twin, masked)
+    jac = torch.autograd.functional.jacobian(out_of, theta)
+    z = out_of(theta).detach()
+    jd = (jac.reshape(-1, theta.numel()) @ d).reshape(-1)
+    loss_hessian = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), z).reshape(z.numel(), -1)
+    return float(jd @ loss_hessian @ jd)
+
+
 def _run_first_step(
     model: nn.Module, x: Tensor, y: Tensor, loss_fn: nn.Module, curvature: str, **kwargs
 ) -> tuple[QuadraticLineSearchAdam, Tensor]:
@@ -393,16 +411,7 @@ def test_dropout_uses_the_gradients_mask_and_batchnorm_stats_update_once() -> No
     torch.testing.assert_close(model[1].running_mean, twin[1].running_mean, rtol=0, atol=0)
     assert int(model[1].num_batches_tracked) == 1
 
-    def masked(params: dict[str, Tensor]) -> Tensor:
-        torch.manual_seed(42)  # the same dropout mask as the forward of the gradient
-        return functional_call(twin, params, (x,))
-
-    out_of, theta = _flat_fn(twin, masked)
-    jac = torch.autograd.functional.jacobian(out_of, theta)
-    z = out_of(theta).detach()
-    jd = (jac.reshape(-1, theta.numel()) @ d).reshape(z.shape)
-    loss_hessian = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), z).reshape(z.numel(), -1)
-    expected = float(jd.reshape(-1) @ loss_hessian @ jd.reshape(-1))
+    expected = _seeded_ggn(twin, x, y, loss_fn, d)  # the same dropout mask as the gradient's forward
     assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
 
 
@@ -465,16 +474,7 @@ def test_sequential_chain_walk_against_autograd(kind: str, hooked: bool, monkeyp
     opt.step()
     assert len(walks) == (0 if hooked else 1)
 
-    def masked(params: dict[str, Tensor]) -> Tensor:
-        torch.manual_seed(42)  # the same dropout mask as the forward of the gradient
-        return functional_call(twin, params, (x,))
-
-    out_of, theta = _flat_fn(twin, masked)
-    jac = torch.autograd.functional.jacobian(out_of, theta)
-    z = out_of(theta).detach()
-    jd = (jac.reshape(-1, theta.numel()) @ d).reshape(-1)
-    loss_hessian = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), z).reshape(z.numel(), -1)
-    expected = float(jd @ loss_hessian @ jd)
+    expected = _seeded_ggn(twin, x, y, loss_fn, d)  # the same dropout mask as the gradient's forward
     assert expected > 0
     assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
 
