@@ -219,6 +219,9 @@ class QuadraticLineSearch(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("quadstep", None)
         super().load_state_dict(state_dict)
+        for p, state in self.state.items():  # torch.optim leaves "step" on the CPU unless fused/capturable
+            if isinstance(state.get("step"), Tensor):
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         if extra is not None:
             self._steps = extra["steps"]
             p = self.param_groups[0]["params"][0]

@@ -259,6 +259,10 @@ def test_state_and_records_stay_on_the_parameters_device(
     model = extend(mlp(device, dtype))
     opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn")
     run_steps(opt, model, extend(nn.CrossEntropyLoss()), contextlib.nullcontext, steps=2, nan_step=None, zero_step=None)
+    resumed = QuadraticLineSearchAdam(model.parameters(), curvature="ggn")  # from a checkpoint, then a step
+    resumed.load_state_dict(opt.state_dict())
+    opt = resumed
+    run_steps(opt, model, extend(nn.CrossEntropyLoss()), contextlib.nullcontext, steps=1, nan_step=None, zero_step=None)
     for p in model.parameters():
         assert p.dtype == dtype and p.device.type == device
         for key in ("exp_avg", "exp_avg_sq", "step"):
