@@ -88,9 +88,9 @@ def _detach(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach()
     if isinstance(value, (list, tuple)):
-        return type(value)(_detach(v) for v in value)
+        return type(value)([_detach(v) for v in value]) if value else value
     if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
+        return {k: _detach(v) for k, v in value.items()} if value else value
     return value
 
 
