@@ -47,8 +47,8 @@ def adam(
     :class:`torch.optim.Adam`) and incremented here, once per step, never elsewhere.
 
     Runs torch's fused Adam kernel (one pass) where it exists and every tensor is
-    contiguous (:data:`FUSED_DEVICES`), else the tensor ops below: the same d, m and v
-    up to rounding.
+    contiguous and not fp16 (:data:`FUSED_DEVICES`), else the tensor ops below: the same
+    d, m and v up to rounding.
     """
     beta1, beta2 = group["betas"]
     eps = group["eps"]
@@ -87,7 +87,7 @@ def adam(
         torch.sqrt(v, out=d)
         d.mul_(c[3 + i]).add_(c[3 + n + i])
         d = torch.div(m, d, out=d).mul_(c[0])  # 0 for a non-finite g, as from the fused kernel
-        if d.dtype == torch.float16:  # eps underflows to 0: a never-seen entry is 0/0
+        if d.dtype == torch.float16:  # eps is 0 in fp16: where v underflowed, d = m/0 (or 0/0) -> 0
             d = torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
         directions.append(d)
     return directions
@@ -100,7 +100,7 @@ def _fused_devices() -> frozenset[str]:
 
 
 #: Device types with torch's fused Adam kernel (that of ``torch.optim.Adam(fused=True)``; CPU
-#: since torch 2.4). Elsewhere, and for non-contiguous tensors, :func:`adam` runs tensor ops.
+#: since torch 2.4). Elsewhere, for fp16 and for non-contiguous tensors, :func:`adam` runs tensor ops.
 FUSED_DEVICES = _fused_devices()
 
 
@@ -108,6 +108,9 @@ def _fusable(g: Tensor, state: dict[str, Any]) -> bool:
     m, v = state["exp_avg"], state["exp_avg_sq"]
     return (
         g.device.type in FUSED_DEVICES
+        # Not fp16: where (1-β2)·g² underflows to v = 0, the kernel divides by its float32 eps
+        # (|d| ~ |g| / 1e-8); the tensor ops divide by fp16's eps, 0, and zero those entries.
+        and g.dtype != torch.float16
         and g.dtype == m.dtype == v.dtype
         and g.is_contiguous()
         and m.is_contiguous()
