@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -542,13 +542,18 @@ def _tangent_forward(
         if recorded is None or recorded[0]._version != recorded[1]:  # recompute, on dual numbers
             w = w if w_dot is None else fwAD.make_dual(w, w_dot.to(w.dtype))
             b = b if b_dot is None or b is None else fwAD.make_dual(b, b_dot.to(b.dtype))
-            return (F.linear if isinstance(module, nn.Linear) else module._conv_forward)(x, w, b)
+            return _product(module)(x, w, b)
         out = recorded[0]
         x, x_dot = fwAD.unpack_dual(x)
         tangent = _layer_tangent(module, x, x_dot, w, w_dot, b_dot, out)
         return out if tangent is None else fwAD.make_dual(out, tangent)
 
     return forward
+
+
+def _product(module: nn.Module) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """The product a Linear/Conv layer computes, as a function of (input, weight, bias)."""
+    return F.linear if isinstance(module, nn.Linear) else module._conv_forward
 
 
 def _layer_tangent(
@@ -562,7 +567,7 @@ def _layer_tangent(
 ) -> Tensor | None:
     r"""Tangent :math:`\dot W x + W \dot x + \dot b` of a Linear/Conv layer's output ``out``
     (None when all three tangents are absent)."""
-    product = F.linear if isinstance(module, nn.Linear) else module._conv_forward
+    product = _product(module)
     tangent = None
     if w_dot is not None:  # with the bias tangent in the same call
         tangent = product(x, w_dot.to(w.dtype), None if b_dot is None else b_dot.to(w.dtype))
