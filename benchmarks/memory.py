@@ -30,7 +30,6 @@ from backpack import backpack, extend
 from torch import nn
 
 from quadstep import QuadraticLineSearchAdam
-from quadstep.optimizer import ALPHA_MAX
 
 from .workloads.digits import WORKLOAD
 
@@ -61,8 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--history-size", type=int, default=1000,
                         help="records the optimizer keeps (default: 1000; 0 keeps all)")  # fmt: skip
     parser.add_argument("--curvature", default="hessian", help="hessian | ggn | pch-clip | pch-abs (default: hessian)")
-    parser.add_argument("--alpha-max", type=float, default=ALPHA_MAX,
-                        help=f"upper clip of alpha (default: the optimizer's, {ALPHA_MAX})")  # fmt: skip
+    parser.add_argument("--alpha-max", type=float, default=None,
+                        help="upper clip of alpha (default: the step-size policy's)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0)

@@ -15,21 +15,33 @@ from . import direction as directions
 from .curvature import make_curvature
 from .curvature._common import dot, stack_on
 from .records import History, StepRecord
-from .stepsize import StepSize, quadratic_step
+from .stepsize import (
+    POLICIES,
+    RECORD_CODE,
+    Greedy,
+    Measurement,
+    PolicyState,
+    Proposal,
+    StepSize,
+    StepSizePolicy,
+    make_policy,
+    quadratic_step,
+)
 
 MODES = ("scale", "observe")
 
-#: Default clipping range of alpha in scale mode (see QuadraticLineSearchAdam).
-ALPHA_MIN = 0.0
-ALPHA_MAX = 0.1
+#: The default step-size policy (see the README's results for why).
+DEFAULT_STEP_SIZE = "lagged"
 
 
 class QuadraticLineSearch(Optimizer):
     """Shared machinery; subclasses only choose the direction.
 
-    A subclass sets :attr:`direction` (a function of :mod:`quadstep.direction`) and
-    :attr:`decoupled_weight_decay` (whether ``weight_decay`` shrinks the
-    parameters, as AdamW does, instead of entering the direction).
+    ``step()`` reads as the three ideas in order: the direction (:mod:`quadstep.direction`), the
+    curvature along it (:mod:`quadstep.curvature`), the step size (:mod:`quadstep.stepsize`'s
+    policy), then the update and the record. A subclass sets :attr:`direction` (a function of
+    :mod:`quadstep.direction`) and :attr:`decoupled_weight_decay` (whether ``weight_decay``
+    shrinks the parameters, as AdamW does, instead of entering the direction).
     """
 
     direction: Callable[..., list[Tensor]]
@@ -42,8 +54,10 @@ class QuadraticLineSearch(Optimizer):
         *,
         curvature: str,
         mode: str,
-        alpha_min: float,
-        alpha_max: float,
+        step_size: str | StepSizePolicy,
+        every: int,
+        alpha_min: float | None,
+        alpha_max: float | None,
         history_size: int | None,
         model: nn.Module | None = None,
         loss_fn: nn.Module | None = None,
@@ -58,31 +72,57 @@ class QuadraticLineSearch(Optimizer):
             raise ValueError(f"Invalid weight_decay value: {defaults['weight_decay']} (must be >= 0)")
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r} (choose one of {', '.join(map(repr, MODES))})")
-        if not 0.0 <= alpha_min:
-            raise ValueError(f"Invalid alpha_min: {alpha_min} (must be >= 0)")
-        if not alpha_min <= alpha_max:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Invalid every: {every!r} (must be an int >= 1: query the curvature every k steps)")
+        policy = _policy(step_size, alpha_min, alpha_max)
+        if per_block and mode == "scale" and not isinstance(policy, Greedy):
             raise ValueError(
-                f"Invalid alpha range: alpha_min={alpha_min} > alpha_max={alpha_max} "
-                "(need 0 <= alpha_min <= alpha_max; alpha_max may be math.inf)"
+                f"per_block=True steps each block with its own alpha*, which only step_size='greedy' "
+                f"defines; got step_size={policy!r}."
             )
         curvature_query = make_curvature(curvature, model, loss_fn)  # validates the name
         super().__init__(params, defaults)
         self.curvature = curvature
         self.mode = mode
-        self.alpha_min = float(alpha_min)
-        self.alpha_max = float(alpha_max)
+        self.policy = policy
+        self.every = every
         self.history = History(history_size)
         self.per_block = bool(per_block)
         self._curvature = curvature_query
+        # Observe mode records every built-in policy's proposal along the direction's own steps.
+        others = [cls() for cls in POLICIES.values() if mode == "observe" and not isinstance(policy, cls)]
+        self._policies: list[StepSizePolicy] = [policy, *others]
+        self._lagged = any(p.lagged for p in self._policies)
+        self._policy_states: list[PolicyState] | None = None
+        self._previous_alpha: Tensor | None = None
+        self._previous: dict[Tensor, Tensor] = {}  # d_{t-1} per parameter, kept when step t measures
         self._steps = 0
 
+    @property
+    def alpha_min(self) -> float:
+        return self.policy.alpha_min
+
+    @property
+    def alpha_max(self) -> float:
+        return self.policy.alpha_max
+
+    def measures(self, step: int) -> bool:
+        """Whether step number ``step`` (1-based) queries the curvature: steps 1, 1 + every, ..."""
+        return (step - 1) % self.every == 0
+
     def extension(self) -> BackpropExtension:
-        """The BackPACK extension to run ``loss.backward()`` under: ``with backpack(opt.extension()):``."""
-        return self._curvature.extension()
+        """The BackPACK extension to run ``loss.backward()`` under: ``with backpack(opt.extension()):``.
+
+        On a step that does not query the curvature (``every > 1``) it is one that does nothing.
+        """
+        return self._curvature.extension(measure=self.measures(self._steps + 1))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         r"""Update the direction's state with g, then take :math:`\theta \leftarrow \theta + \alpha d`.
+
+        All or nothing: if anything raises, parameters, optimizer state, policy state and
+        history are as they were before the call.
 
         Args:
             closure: optional; re-evaluates the model and calls ``loss.backward()``.
@@ -93,69 +133,136 @@ class QuadraticLineSearch(Optimizer):
             The closure's loss, or None.
         """
         loss = None
+        t = self._steps + 1
         if closure is not None:
-            with torch.enable_grad(), self._curvature.context():
+            with torch.enable_grad(), self._curvature.context(measure=self.measures(t)):
                 loss = closure()
         groups = self._groups_with_grads()
         params = [p for _, ps in groups for p in ps]
         if not params:
             return loss
-        self._curvature.check_ready(params)  # raises before any state changes
+        if self.measures(t):
+            self._curvature.check_ready(params)  # raises before any state changes
+        saved = _saved(self.state, params)
+        try:
+            ds, grad_sq = self._directions(groups, self.state.__getitem__)
+            measured, blocks = self._measure(params, ds, grad_sq, self.measures(t))
+            proposals, policy_states = self._propose(measured)
+            alphas, rule = self._update(groups, ds, measured, proposals[0], blocks)
+        except BaseException:
+            _restore(self.state, saved)
+            raise
+        finally:
+            self._curvature.release(params)
+        self._commit(t, params, ds, measured, proposals, policy_states, alphas, rule)
+        return loss
 
-        # 1. The direction, from state that now includes g.
-        ds, grad_sq = self._directions(groups, self.state.__getitem__)
-        grads = [p.grad for p in params]
-        block_dg = stack_on([dot(d, g) for d, g in zip(ds, grads)], grad_sq.device)
-        dg = block_dg.sum()
-
-        # 2. The curvature along it: terms summing to dᵀCd (and d_pᵀC_pp d_p per block).
-        terms = self._curvature.quadratic_forms(params, ds)
+    def _measure(
+        self, params: list[Tensor], ds: list[Tensor], grad_sq: Tensor, measure: bool
+    ) -> tuple[Measurement, tuple[Tensor, Tensor] | None]:
+        """dᵀg along the current direction and, on a measuring step, the curvature along it and
+        along the previous direction (one curvature query, one all-reduce under DDP)."""
+        device = grad_sq.device
+        block_dg = stack_on([dot(d, p.grad) for d, p in zip(ds, params)], device)
+        previous = [self._previous.get(p) for p in params]
+        lagged = measure and self._previous_alpha is not None and all(v is not None for v in previous)
+        nan = torch.full_like(grad_sq, math.nan)
+        if not measure:
+            return Measurement(block_dg.sum(), nan, grad_sq, nan, nan, nan, False, False), None
+        sets = self._curvature.forms_along(params, [ds, previous] if lagged else [ds])
         blocks: list[Tensor] = []
         if self.per_block:
-            blocks = (
-                terms if self._curvature.BLOCK_DIAGONAL else self._curvature.block_quadratic_forms(params, ds)
-            )
-        self._curvature.release(params)
-        values = self._average_over_ranks(stack_on(terms + blocks, dg.device))
-        dcd = values[0] if len(terms) == 1 else values[: len(terms)].sum()
-        block_dcd = values[len(terms) :]
+            blocks = sets[0] if self._curvature.block_diagonal else self._curvature.block_forms(params, ds)
+        sizes = [len(terms) for terms in sets]
+        values = self._average_over_ranks(stack_on([v for terms in sets for v in terms] + blocks, device))
+        parts = values.split([*sizes, len(blocks)])
+        dcd = parts[0].sum()
+        slope, lagged_dcd, previous_alpha = nan, nan, nan
+        if lagged:
+            slope = stack_on([dot(v, p.grad) for v, p in zip(previous, params)], device).sum()
+            lagged_dcd, previous_alpha = parts[1].sum(), self._previous_alpha
+        measured = Measurement(block_dg.sum(), dcd, grad_sq, slope, lagged_dcd, previous_alpha, True, lagged)
+        return measured, (block_dg, parts[-1]) if blocks else None
 
-        # 3. The step size; the mode only decides which scalar multiplies d.
-        use_alpha_star = self.mode == "scale"
-        # Observe mode clips nothing.
-        bounds = (self.alpha_min, self.alpha_max) if use_alpha_star else (0.0, math.inf)
-        rule = quadratic_step(dg, dcd, grad_sq, *bounds)
-        block_rule = quadratic_step(block_dg, block_dcd, grad_sq, *bounds) if blocks else None
+    def _propose(self, measured: Measurement) -> tuple[list[Proposal], list[PolicyState]]:
+        """Every policy's proposal and new state (committed only once the step has succeeded)."""
+        states = self._policy_states
+        if states is None:
+            states = [p.initial_state(measured.grad_sq) for p in self._policies]
+        out = [policy.propose(measured, state) for policy, state in zip(self._policies, states)]
+        return [proposal for proposal, _ in out], [state for _, state in out]
 
-        def chosen(step: StepSize, lr: float | Tensor) -> Tensor:
-            alpha = torch.where(step.defined & use_alpha_star, step.alpha, lr)
-            return torch.where(rule.skip, 0.0, alpha)
-
+    def _update(
+        self,
+        groups: list[tuple[dict[str, Any], list[Tensor]]],
+        ds: list[Tensor],
+        measured: Measurement,
+        proposal: Proposal,
+        blocks: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, StepSize]:
+        r""":math:`\theta \leftarrow (1 - \mathrm{lr}\,\lambda)\,\theta + \alpha d` for every group; the
+        alphas used and the greedy rule's verdict on alpha* (for the record)."""
+        scale = self.mode == "scale"
+        bounds = (self.alpha_min, self.alpha_max) if scale else (0.0, math.inf)
+        rule = quadratic_step(measured.dg, measured.dcd, measured.grad_sq, *bounds)
+        block_rule = quadratic_step(*blocks, measured.grad_sq, *bounds) if blocks is not None else None
         alphas = []
-        k = 0  # index of the parameter in params, ds and the block values
+        k = 0  # index of the parameter in ds and the block values
         for group, ps in groups:
-            lr = group["lr"]
-            alphas.append(chosen(rule, lr))
-            block_alphas = chosen(block_rule, lr) if block_rule is not None else None
+            lr = torch.ones_like(measured.dg) * group["lr"]  # a tensor lr is not read on the host
+            alpha = torch.where(proposal.alpha.isnan(), lr, proposal.alpha) if scale else lr
+            alphas.append(torch.where(rule.skip, 0.0, alpha))
             wd = group["weight_decay"] if self.decoupled_weight_decay else 0.0
-            if wd != 0:  # ones_like * (...), not full_like: a tensor lr would be read on the host
-                shrink = torch.where(rule.skip, 1.0, torch.ones_like(dg) * (1.0 - lr * wd))
+            if wd != 0:
+                shrink = torch.where(rule.skip, 1.0, 1.0 - lr * wd)
             alpha_as = {dtype: alphas[-1].to(dtype) for dtype in {p.dtype for p in ps}}
             for p in ps:
                 alpha = alpha_as[p.dtype]
-                if block_alphas is not None:
-                    self.state[p]["block_alpha"] = block_alphas[k]
-                    alpha = block_alphas[k].to(p.dtype)
+                if block_rule is not None:
+                    block_alpha = torch.where(block_rule.defined[k], block_rule.alpha[k], lr) if scale else lr
+                    self.state[p]["block_alpha"] = torch.where(rule.skip, 0.0, block_alpha)
+                    alpha = self.state[p]["block_alpha"].to(p.dtype)
                 if wd != 0:
                     p.mul_(shrink.to(p.dtype))
                 p.addcmul_(ds[k], alpha)  # alpha = 0 on a skipped step; d is finite
                 k += 1
+        return torch.stack(alphas), rule
 
-        self._steps += 1
+    def _commit(
+        self,
+        t: int,
+        params: list[Tensor],
+        ds: list[Tensor],
+        measured: Measurement,
+        proposals: list[Proposal],
+        policy_states: list[PolicyState],
+        alphas: Tensor,
+        rule: StepSize,
+    ) -> None:
+        """Keep what the next step needs (policy states, and d and alpha for a lagged measurement), record."""
+        self._policy_states = policy_states
+        self._previous_alpha = alphas[0]
+        # d itself, not a copy: a new tensor every step (0 on a skipped step, whose alpha is 0 too).
+        self._previous = dict(zip(params, ds)) if self._lagged and self.measures(t + 1) else {}
+        self._steps = t
+        status = rule.status
+        if not measured.measured:
+            status = torch.where(rule.skip, rule.status, RECORD_CODE["not-measured"])
         self.history.append(
-            StepRecord.make(self._steps, rule.alpha_star, torch.stack(alphas), dg, dcd, rule.status)
+            StepRecord.make(
+                t,
+                rule.alpha_star,
+                alphas,
+                measured.dg,
+                measured.dcd,
+                status,
+                policy_status=torch.where(rule.skip, rule.status, proposals[0].status),
+                measured=measured.measured,
+                slope=measured.slope,
+                lagged_dHd=measured.lagged_dcd,
+                proposals={p.name: tuple(prop[:3]) for p, prop in zip(self._policies, proposals)},
+            )
         )
-        return loss
 
     def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each param group with its parameters that have a (dense) gradient."""
@@ -210,9 +317,17 @@ class QuadraticLineSearch(Optimizer):
         return values
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`torch.optim.Optimizer.state_dict` plus the step count and the history."""
+        """:meth:`torch.optim.Optimizer.state_dict` plus the step count, the policies' state, the
+        previous direction and step size (for a lagged measurement) and the history."""
         state = super().state_dict()
-        state["quadstep"] = {"steps": self._steps, "history": self.history.state_dict()}
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        state["quadstep"] = {
+            "steps": self._steps,
+            "history": self.history.state_dict(),
+            "policies": self._policy_states,
+            "previous_alpha": self._previous_alpha,
+            "previous": {index[p]: d for p, d in self._previous.items()},
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -222,12 +337,50 @@ class QuadraticLineSearch(Optimizer):
         for p, state in self.state.items():  # torch.optim leaves "step" on the CPU unless fused/capturable
             if isinstance(state.get("step"), Tensor):
                 state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-        if extra is not None:
-            self._steps = extra["steps"]
-            p = self.param_groups[0]["params"][0]
-            self.history.load_state_dict(
-                extra["history"], torch.promote_types(p.dtype, torch.float32), p.device
+        if extra is None:
+            return
+        self._steps = extra["steps"]
+        params = [p for g in self.param_groups for p in g["params"]]
+        p = params[0]
+        self.history.load_state_dict(extra["history"], torch.promote_types(p.dtype, torch.float32), p.device)
+        self._policy_states = extra.get("policies")
+        if self._policy_states is not None:
+            self._policy_states = [{k: v.to(p.device) for k, v in s.items()} for s in self._policy_states]
+        previous_alpha = extra.get("previous_alpha")
+        self._previous_alpha = None if previous_alpha is None else previous_alpha.to(p.device)
+        self._previous = {params[i]: d.to(params[i].device) for i, d in extra.get("previous", {}).items()}
+
+
+def _policy(step_size: str | StepSizePolicy, alpha_min: float | None, alpha_max: float | None) -> StepSizePolicy:
+    """The policy ``step_size``; ``alpha_min``/``alpha_max``, when set, clip a policy given by name."""
+    if isinstance(step_size, StepSizePolicy):
+        if alpha_min is not None or alpha_max is not None:
+            raise ValueError(
+                "alpha_min/alpha_max set the clip of a policy given by name; a policy instance carries "
+                "its own: pass them to it, e.g. step_size=Lagged(alpha_max=1.0)."
             )
+        return step_size
+    make_policy(step_size)  # validates the name
+    bounds = {k: v for k, v in (("alpha_min", alpha_min), ("alpha_max", alpha_max)) if v is not None}
+    return POLICIES[step_size](**bounds)
+
+
+def _saved(state: dict[Tensor, dict[str, Any]], params: list[Tensor]) -> list[tuple[Tensor, dict[str, Any] | None]]:
+    """What a step may change in each parameter's state, copied (None: the state did not exist)."""
+    return [
+        (p, {k: v.clone() if isinstance(v, Tensor) else v for k, v in state[p].items()} if p in state else None)
+        for p in params
+    ]
+
+
+def _restore(state: dict[Tensor, dict[str, Any]], saved: list[tuple[Tensor, dict[str, Any] | None]]) -> None:
+    """Put back the states :func:`_saved` copied."""
+    for p, old in saved:
+        if old is None:
+            state.pop(p, None)
+        else:
+            state[p] = old
+
 
 
 class QuadraticLineSearchAdam(QuadraticLineSearch):
@@ -326,8 +479,10 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         *,
         curvature: str = "hessian",
         mode: str = "scale",
-        alpha_min: float = ALPHA_MIN,
-        alpha_max: float = ALPHA_MAX,
+        step_size: str | StepSizePolicy = DEFAULT_STEP_SIZE,
+        every: int = 1,
+        alpha_min: float | None = None,
+        alpha_max: float | None = None,
         history_size: int | None = 10_000,
         model: nn.Module | None = None,
         loss_fn: nn.Module | None = None,
@@ -343,6 +498,8 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
             dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
             curvature=curvature,
             mode=mode,
+            step_size=step_size,
+            every=every,
             alpha_min=alpha_min,
             alpha_max=alpha_max,
             history_size=history_size,
@@ -388,13 +545,17 @@ class QuadraticLineSearchSGD(QuadraticLineSearch):
         *,
         curvature: str = "hessian",
         mode: str = "scale",
-        alpha_min: float = ALPHA_MIN,
-        alpha_max: float = math.inf,
+        step_size: str | StepSizePolicy = DEFAULT_STEP_SIZE,
+        every: int = 1,
+        alpha_min: float | None = None,
+        alpha_max: float | None = None,
         history_size: int | None = 10_000,
         model: nn.Module | None = None,
         loss_fn: nn.Module | None = None,
         per_block: bool = False,
     ) -> None:
+        if alpha_max is None and not isinstance(step_size, StepSizePolicy):
+            alpha_max = math.inf  # SGD's direction has the scale of the gradient
         if not 0.0 <= momentum:
             raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -407,6 +568,8 @@ class QuadraticLineSearchSGD(QuadraticLineSearch):
             dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
             curvature=curvature,
             mode=mode,
+            step_size=step_size,
+            every=every,
             alpha_min=alpha_min,
             alpha_max=alpha_max,
             history_size=history_size,

@@ -19,41 +19,87 @@ from typing import Any, overload
 import torch
 from torch import Tensor
 
-from .stepsize import DEFINED, STATUSES
+from .stepsize import DEFINED, RECORD_STATUSES
 
-#: The columns of :meth:`History.columns` and of the CSV file.
-COLUMNS = ("step", "alpha_star", "alpha", "dg", "dHd", "status")
-_ALPHA_STAR, _DG, _DHD, _STATUS, _GROUPS, _ALPHAS = range(6)  # positions in StepRecord.values
+#: The columns of :meth:`History.columns` and of the CSV file, before those of the policies.
+COLUMNS = (
+    "step",
+    "alpha_star",
+    "alpha",
+    "dg",
+    "dHd",
+    "status",
+    "policy_status",
+    "measured",
+    "slope",
+    "lagged_dHd",
+)
+#: Per policy ``name``: its proposal, numerator and denominator (columns ``name.alpha`` ...).
+POLICY_FIELDS = ("alpha", "numerator", "denominator")
+#: Positions in StepRecord.values; the policies' triples follow, then one alpha per param group.
+_ALPHA_STAR, _DG, _DHD, _STATUS, _POLICY_STATUS, _MEASURED, _SLOPE, _LAGGED, _GROUPS, _POLICIES = range(10)
+_HEAD = 10
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    r"""One step of the line search: ``values`` holds, in order, alpha*, dᵀg, dᵀCd, the
-    status code, the number of param groups and the step size used by each group.
+    r"""One step: ``values`` holds alpha*, dᵀg, dᵀCd, the two status codes, whether the curvature
+    was measured, the lagged slope and curvature, the number of param groups and of policies, each
+    policy's (alpha, numerator, denominator), then the step size used by each group.
 
     Attributes (0-dim tensors, views of ``values``):
-        alpha_star: :math:`-d^\top g / d^\top C d` as computed (NaN, inf or negative
-            when undefined; ``status`` says why).
-        alpha: step size used by the first param group (all groups use the same one
-            when alpha* is used); ``alphas``: one per group.
+        alpha_star: :math:`-d^\top g / d^\top C d` of the current batch along the current
+            direction, as computed (NaN, inf or negative when undefined; ``status`` says why).
+        alpha: step size used by the first param group; ``alphas``: one per group.
         dg: :math:`d^\top g`, summed over every parameter with a gradient.
-        dHd: :math:`d^\top C d` for the chosen curvature ``C``, summed likewise.
-        status: ``"ok"`` for a regular step, else why ``alpha`` differs from ``alpha_star``
-            (:data:`quadstep.stepsize.STATUSES`).
+        dHd: :math:`d^\top C d` for the chosen curvature ``C`` (NaN when not measured).
+        status: whether alpha* exists and was clipped, or why not
+            (:data:`quadstep.stepsize.RECORD_STATUSES`).
+        policy_status: why the step-size policy's alpha is what it is.
+        measured: 1 when the curvature was queried on this step, else 0.
+        slope, lagged_dHd: :math:`s_t = d_{t-1}^\top g_t`, :math:`q_t = d_{t-1}^\top C_t d_{t-1}`
+            along the previous direction (NaN when not measured).
+        proposals: ``{name: (alpha, numerator, denominator)}`` of each policy the step ran.
     """
 
     step: int  #: 1-based count of ``step()`` calls
     values: Tensor
+    policies: tuple[str, ...] = ()  #: the names of the policies whose triples ``values`` holds
 
     @classmethod
     def make(
-        cls, step: int, alpha_star: Tensor, alphas: Tensor, dg: Tensor, dHd: Tensor, status_code: Tensor
+        cls,
+        step: int,
+        alpha_star: Tensor,
+        alphas: Tensor,
+        dg: Tensor,
+        dHd: Tensor,
+        status_code: Tensor,
+        *,
+        policy_status: Tensor | None = None,
+        measured: bool = True,
+        slope: Tensor | None = None,
+        lagged_dHd: Tensor | None = None,
+        proposals: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
     ) -> StepRecord:
         """Pack the step's tensors into one row (tensor ops only: no host sync)."""
         dtype = alpha_star.dtype
-        groups = torch.full_like(alpha_star, len(alphas))
-        head = torch.stack([alpha_star, dg, dHd, status_code.to(dtype), groups])
-        return cls(step, torch.cat([head, alphas.to(dtype)]))
+        nan = torch.full_like(alpha_star, math.nan)
+        proposals = proposals or {}
+        head = [
+            alpha_star,
+            dg,
+            dHd,
+            status_code.to(dtype),
+            (status_code if policy_status is None else policy_status).to(dtype),
+            torch.full_like(alpha_star, float(measured)),
+            nan if slope is None else slope.to(dtype),
+            nan if lagged_dHd is None else lagged_dHd.to(dtype),
+            torch.full_like(alpha_star, len(alphas)),
+            torch.full_like(alpha_star, len(proposals)),
+        ]
+        head += [v.to(dtype) for triple in proposals.values() for v in triple]
+        return cls(step, torch.cat([torch.stack(head), alphas.to(dtype)]), tuple(proposals))
 
     @property
     def alpha_star(self) -> Tensor:
@@ -68,27 +114,78 @@ class StepRecord:
         return self.values[_DHD]
 
     @property
+    def slope(self) -> Tensor:
+        return self.values[_SLOPE]
+
+    @property
+    def lagged_dHd(self) -> Tensor:
+        return self.values[_LAGGED]
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.values[_MEASURED])
+
+    @property
     def status_code(self) -> Tensor:
         return self.values[_STATUS].long()
 
     @property
+    def _alphas_at(self) -> int:
+        return _HEAD + 3 * int(self.values[_POLICIES])
+
+    @property
     def alphas(self) -> Tensor:
-        return self.values[_ALPHAS:][: int(self.values[_GROUPS])]
+        return self.values[self._alphas_at :][: int(self.values[_GROUPS])]
 
     @property
     def alpha(self) -> Tensor:
-        return self.values[_ALPHAS]
+        return self.values[self._alphas_at]
 
     @property
     def status(self) -> str:
-        return STATUSES[int(self.values[_STATUS])]
+        return RECORD_STATUSES[int(self.values[_STATUS])]
+
+    @property
+    def policy_status(self) -> str:
+        return RECORD_STATUSES[int(self.values[_POLICY_STATUS])]
+
+    @property
+    def proposals(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        triples = self.values[_HEAD : self._alphas_at].reshape(-1, 3)
+        return {name: tuple(row.unbind()) for name, row in zip(self.policies, triples)}  # type: ignore[misc]
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python values (one host sync)."""
-        v = self.values.tolist()
-        return dict(
-            zip(COLUMNS, [self.step, v[_ALPHA_STAR], v[_ALPHAS], v[_DG], v[_DHD], STATUSES[int(v[_STATUS])]])
+        """Plain Python values (one host sync): :data:`COLUMNS`, then ``name.alpha`` ... per policy."""
+        return _row_dict(self.step, self.values.tolist(), self.policies)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:.6g}" for k, v in self.as_dict().items()
         )
+        return f"StepRecord({fields})"
+
+
+def _row_dict(step: int, v: list[float], policies: Sequence[str]) -> dict[str, Any]:
+    """One record's values as a dict of plain Python values, keyed by column (every NaN is the one
+    object ``math.nan``, so that records compare equal with ``==`` where their values are the same)."""
+    v = [math.nan if x != x else x for x in v]
+    at = _HEAD + 3 * int(v[_POLICIES])
+    row: dict[str, Any] = {
+        "step": step,
+        "alpha_star": v[_ALPHA_STAR],
+        "alpha": v[at],
+        "dg": v[_DG],
+        "dHd": v[_DHD],
+        "status": RECORD_STATUSES[int(v[_STATUS])],
+        "policy_status": RECORD_STATUSES[int(v[_POLICY_STATUS])],
+        "measured": int(v[_MEASURED]),
+        "slope": v[_SLOPE],
+        "lagged_dHd": v[_LAGGED],
+    }
+    for i, name in enumerate(policies[: int(v[_POLICIES])]):
+        for j, field in enumerate(POLICY_FIELDS):
+            row[f"{name}.{field}"] = v[_HEAD + 3 * i + j]
+    return row
 
 
 class History(Sequence[StepRecord]):
@@ -106,6 +203,7 @@ class History(Sequence[StepRecord]):
         self._start = 0  # buffer row of the oldest record
         self._len = 0
         self._last_step = 0
+        self._policies: tuple[str, ...] = ()  # the names of the policies every record holds
 
     @property
     def maxlen(self) -> int | None:
@@ -114,6 +212,9 @@ class History(Sequence[StepRecord]):
     def append(self, record: StepRecord) -> None:
         if self._len and record.step != self._last_step + 1:
             raise ValueError(f"records must have consecutive steps: {record.step} after {self._last_step}")
+        if self._len and record.policies != self._policies:
+            raise ValueError(f"records must hold the same policies: {record.policies} after {self._policies}")
+        self._policies = record.policies
         row = record.values
         if self._buffer is None:
             self._buffer = row.new_full((self._maxlen or 1024, len(row)), math.nan)
@@ -134,7 +235,7 @@ class History(Sequence[StepRecord]):
         self._last_step = record.step
 
     def clear(self) -> None:
-        self._buffer, self._start, self._len = None, 0, 0
+        self._buffer, self._start, self._len, self._policies = None, 0, 0, ()
 
     def _rows(self) -> Tensor:
         """The records' rows, oldest first."""
@@ -153,7 +254,7 @@ class History(Sequence[StepRecord]):
         index %= self._len
         assert self._buffer is not None
         row = self._buffer[(self._start + index) % len(self._buffer)].clone()
-        return StepRecord(self._last_step - self._len + 1 + index, row)
+        return StepRecord(self._last_step - self._len + 1 + index, row, self._policies)
 
     def __len__(self) -> int:
         return self._len
@@ -164,19 +265,17 @@ class History(Sequence[StepRecord]):
     def __repr__(self) -> str:
         return f"History({len(self)} records, maxlen={self.maxlen})"
 
+    def column_names(self) -> tuple[str, ...]:
+        """:data:`COLUMNS`, then ``name.alpha``, ``name.numerator``, ``name.denominator`` per policy."""
+        return COLUMNS + tuple(f"{n}.{f}" for n in self._policies for f in POLICY_FIELDS)
+
     def columns(self) -> dict[str, list[Any]]:
         """All records as columns of Python values (one host sync for all of them)."""
         if not self._len:
-            return {name: [] for name in COLUMNS}
-        rows = self._rows().double().T.tolist()
-        return {
-            "step": list(range(self._last_step - self._len + 1, self._last_step + 1)),
-            "alpha_star": rows[_ALPHA_STAR],
-            "alpha": rows[_ALPHAS],
-            "dg": rows[_DG],
-            "dHd": rows[_DHD],
-            "status": [STATUSES[int(c)] for c in rows[_STATUS]],
-        }
+            return {name: [] for name in self.column_names()}
+        first = self._last_step - self._len + 1
+        rows = [_row_dict(first + i, r, self._policies) for i, r in enumerate(self._rows().double().tolist())]
+        return {name: [r[name] for r in rows] for name in self.column_names()}
 
     def summary(self) -> dict[str, Any]:
         """Max, min, mean and std of alpha* and alpha, and the count of each status.
@@ -208,12 +307,12 @@ class History(Sequence[StepRecord]):
         return "\n".join(lines)
 
     def to_csv(self, path: str | PathLike[str]) -> None:
-        """Write one row per record with the columns :data:`COLUMNS`."""
+        """Write one row per record with the columns of :meth:`column_names`."""
         cols = self.columns()
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            writer.writerows(zip(*(cols[c] for c in COLUMNS)))
+            writer.writerow(cols)
+            writer.writerows(zip(*cols.values()))
 
     def plot(self, ax: Any = None, lr: float | Sequence[float] | None = None) -> Any:
         """Plot alpha* (where defined) and alpha over steps on a log axis; returns the axes.
@@ -244,7 +343,7 @@ class History(Sequence[StepRecord]):
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values: the records survive ``torch.save``/``torch.load`` anywhere."""
         rows = self._rows().double().tolist() if self._len else []
-        return {"maxlen": self.maxlen, "last_step": self._last_step, "rows": rows}
+        return {"maxlen": self.maxlen, "last_step": self._last_step, "rows": rows, "policies": self._policies}
 
     def load_state_dict(self, state: dict[str, Any], dtype: torch.dtype, device: torch.device) -> None:
         """Rebuild the records saved by :meth:`state_dict` as tensors of ``dtype`` on ``device``."""
@@ -252,8 +351,11 @@ class History(Sequence[StepRecord]):
         self.clear()
         first = state["last_step"] - len(state["rows"]) + 1
         for i, row in enumerate(state["rows"]):
+            if "policies" not in state:  # saved before records held policies: alpha*, dg, dHd, status, groups, alphas
+                row = [*row[:4], row[3], 1.0, math.nan, math.nan, row[4], 0.0, *row[5:]]
             values = torch.tensor(row, dtype=dtype, device=device)
-            self.append(StepRecord(first + i, values[: _ALPHAS + int(row[_GROUPS])]))
+            width = _HEAD + 3 * int(row[_POLICIES]) + int(row[_GROUPS])
+            self.append(StepRecord(first + i, values[:width], tuple(state.get("policies", ()))))
 
 
 def _stats(values: list[float]) -> dict[str, float]:

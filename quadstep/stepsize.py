@@ -13,6 +13,8 @@ tensor ops, so choosing the step never waits on the device.
 
 from __future__ import annotations
 
+import abc
+import math
 from typing import NamedTuple
 
 import torch
@@ -84,3 +86,204 @@ def quadratic_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor, alpha_min: float, a
     alpha = torch.where(defined, alpha_star.clamp(alpha_min, alpha_max), torch.nan)
     skip = first < _FIRST_STEPPING
     return StepSize(alpha_star, alpha, defined, skip, code)
+
+
+#: Statuses a record can carry beyond those of :func:`quadratic_step`, appended so that the codes
+#: of :data:`STATUSES` stay as they are.
+EXTRA_STATUSES: tuple[str, ...] = (
+    "not-measured",  # the curvature was not queried on this step (every=k): alpha* unknown
+    "warm-up",  # the policy has no measurement yet: the group's lr is used
+    "kept",  # the policy did not measure on this step and keeps its last alpha
+)
+#: Every status a record can carry, by code.
+RECORD_STATUSES: tuple[str, ...] = STATUSES + EXTRA_STATUSES
+RECORD_CODE: dict[str, int] = {name: code for code, name in enumerate(RECORD_STATUSES)}
+
+
+class Measurement(NamedTuple):
+    r"""What one step measured, handed to a policy (0-dim tensors on one device).
+
+    ``dg``, ``dcd``: :math:`d_t^\top g_t` and :math:`d_t^\top C_t d_t` along the current direction
+    (``dcd`` is NaN when ``measured`` is False). ``slope``, ``lagged_dcd``: :math:`s_t = d_{t-1}^\top g_t`
+    and :math:`q_t = d_{t-1}^\top C_t d_{t-1}` along the previous direction, and ``previous_alpha``
+    :math:`\alpha_{t-1}`, the step size taken along it (NaN unless ``lagged``). ``grad_sq``:
+    :math:`g^\top g`, NaN/Inf for a non-finite gradient.
+    """
+
+    dg: Tensor
+    dcd: Tensor
+    grad_sq: Tensor
+    slope: Tensor
+    lagged_dcd: Tensor
+    previous_alpha: Tensor
+    measured: bool  #: the curvature was queried on this step
+    lagged: bool  #: ... and along the previous direction too
+
+
+class Proposal(NamedTuple):
+    """What a policy proposes for one step (0-dim tensors)."""
+
+    alpha: Tensor  #: the step size; NaN: fall back to each group's lr
+    numerator: Tensor  #: the policy's numerator (e.g. -dᵀg), NaN where it has none
+    denominator: Tensor  #: its denominator (e.g. dᵀCd)
+    status: Tensor  #: int64 code into RECORD_STATUSES: why alpha is what it is
+
+
+PolicyState = dict[str, Tensor]
+
+
+class StepSizePolicy(abc.ABC):
+    """How far to go along ``d``, from what the step measured. Subclasses are pure functions of
+    ``(Measurement, state)``; the optimizer keeps the state and commits it only after a step
+    succeeded (so a failed step changes nothing), and saves it in its ``state_dict``.
+
+    Attributes:
+        name: the name :func:`make_policy` knows it by (also the prefix of its record columns).
+        lagged: whether it needs the curvature along the previous direction.
+        alpha_min, alpha_max: the clipping range of the alpha it proposes.
+    """
+
+    name: str
+    lagged: bool = False
+
+    def __init__(self, alpha_min: float = 0.0, alpha_max: float = 0.1) -> None:
+        if not 0.0 <= alpha_min:  # False for NaN too
+            raise ValueError(f"Invalid alpha_min: {alpha_min} (must be >= 0)")
+        if math.isnan(alpha_max):
+            raise ValueError(
+                "Invalid alpha range: alpha_max=nan is not a number (use a float >= alpha_min, "
+                "or math.inf for no upper bound)"
+            )
+        if not alpha_min <= alpha_max:
+            raise ValueError(
+                f"Invalid alpha range: alpha_min={alpha_min} > alpha_max={alpha_max} "
+                "(need 0 <= alpha_min <= alpha_max; alpha_max may be math.inf)"
+            )
+        self.alpha_min = float(alpha_min)
+        self.alpha_max = float(alpha_max)
+
+    def initial_state(self, like: Tensor) -> PolicyState:
+        """The state before the first step (0-dim tensors like ``like``)."""
+        return {"alpha": torch.full_like(like, math.nan)}
+
+    @abc.abstractmethod
+    def propose(self, m: Measurement, state: PolicyState) -> tuple[Proposal, PolicyState]:
+        """The proposal for this step and the new state (tensor ops only: no host sync)."""
+
+    def _kept(self, state: PolicyState) -> Proposal:
+        nan = torch.full_like(state["alpha"], math.nan)
+        code = torch.where(state["alpha"].isnan(), RECORD_CODE["warm-up"], RECORD_CODE["kept"])
+        return Proposal(state["alpha"], nan, nan, code)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class Greedy(StepSizePolicy):
+    r"""The minimiser of the current mini-batch's quadratic model along the current direction:
+
+    .. math::
+        \alpha_t = \mathrm{clip}\Big(\alpha^*_t, \alpha_{\min}, \alpha_{\max}\Big), \qquad
+        \alpha^*_t = -\frac{d_t^\top g_t}{d_t^\top C_t d_t},
+
+    the group's lr where :math:`\alpha^*_t` is undefined (statuses of :func:`quadratic_step`).
+    On a step that does not measure (``every > 1``) the last defined alpha is kept. Its numerator
+    shares the batch's noise with :math:`d_t` and overshoots the best fixed rate under noise
+    (see the README).
+
+    Args:
+        alpha_min: lower clip (default: 0).
+        alpha_max: upper clip (default: 0.1: the entries of Adam's direction are about 1 in size,
+            so alpha moves each parameter by up to about alpha; ``math.inf`` disables it).
+    """
+
+    name = "greedy"
+
+    def propose(self, m: Measurement, state: PolicyState) -> tuple[Proposal, PolicyState]:
+        if not m.measured:
+            return self._kept(state), state
+        rule = quadratic_step(m.dg, m.dcd, m.grad_sq, self.alpha_min, self.alpha_max)
+        kept = torch.where(rule.defined, rule.alpha, state["alpha"])
+        return Proposal(rule.alpha, -m.dg, m.dcd, rule.status), {"alpha": kept}
+
+
+class Lagged(StepSizePolicy):
+    r"""The lagged line-search test: the minimiser, along the previous direction, of the *next*
+    batch's quadratic model, averaged over steps.
+
+    Batch :math:`t` is independent of the noise inside :math:`d_{t-1}`. With
+    :math:`s_t = d_{t-1}^\top g_t` and :math:`q_t = d_{t-1}^\top C_t d_{t-1}` at
+    :math:`\theta_t = \theta_{t-1} + \alpha_{t-1} d_{t-1}`, batch :math:`t`'s model along
+    :math:`d_{t-1}` is minimal at :math:`\alpha_{t-1} - s_t/q_t` from :math:`\theta_{t-1}`; the
+    policy steps with the ratio of averages
+
+    .. math::
+        \alpha_t = \mathrm{clip}\Big(\frac{\mathrm{EMA}_\beta(\alpha_{t-1} q_t - s_t)}
+        {\mathrm{EMA}_\beta(q_t)}, \alpha_{\min}, \alpha_{\max}\Big),
+
+    whose fixed point :math:`\mathbb E[s_t] = 0` (the next gradient orthogonal to the last step)
+    does not depend on the accuracy of :math:`C`, which only sets the gain. The EMAs start at 0;
+    their bias cancels in the ratio. Until the first lagged measurement the group's lr is used
+    (``warm-up``); a step whose :math:`s_t` or :math:`q_t` is not finite leaves the averages as they
+    were, and while :math:`\mathrm{EMA}(q) \le 0` the last alpha is kept.
+
+    Args:
+        beta: EMA factor of numerator and denominator (default: 0.99).
+        alpha_min: lower clip (default: 0).
+        alpha_max: upper clip (default: 0.1).
+    """
+
+    name = "lagged"
+    lagged = True
+
+    def __init__(self, beta: float = 0.99, alpha_min: float = 0.0, alpha_max: float = 0.1) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta: {beta} (must be in [0, 1))")
+        super().__init__(alpha_min, alpha_max)
+        self.beta = float(beta)
+
+    def initial_state(self, like: Tensor) -> PolicyState:
+        zero = torch.zeros_like(like)
+        return {"alpha": torch.full_like(like, math.nan), "numerator": zero, "denominator": zero.clone()}
+
+    def propose(self, m: Measurement, state: PolicyState) -> tuple[Proposal, PolicyState]:
+        if not m.lagged:
+            return self._kept(state), state
+        num_t = m.previous_alpha * m.lagged_dcd - m.slope
+        ok = torch.isfinite(num_t) & torch.isfinite(m.lagged_dcd) & torch.isfinite(m.grad_sq)
+        num = torch.where(ok, state["numerator"] * self.beta + num_t * (1 - self.beta), state["numerator"])
+        den = torch.where(ok, state["denominator"] * self.beta + m.lagged_dcd * (1 - self.beta), state["denominator"])
+        raw = num / den
+        defined = (den > 0) & torch.isfinite(raw)
+        alpha = torch.where(defined, raw.clamp(self.alpha_min, self.alpha_max), state["alpha"])
+        code = torch.where(
+            ~ok,
+            STATUS_CODE["non-finite-curvature"],
+            torch.where(
+                ~defined,
+                STATUS_CODE["non-positive-curvature"],
+                torch.where(
+                    raw > self.alpha_max,
+                    STATUS_CODE["clipped-max"],
+                    torch.where(raw < self.alpha_min, STATUS_CODE["clipped-min"], STATUS_CODE["ok"]),
+                ),
+            ),
+        )
+        return Proposal(alpha, num, den, code), {"alpha": alpha, "numerator": num, "denominator": den}
+
+
+#: The built-in policies, by name.
+POLICIES: dict[str, type[StepSizePolicy]] = {"greedy": Greedy, "lagged": Lagged}
+
+
+def make_policy(policy: str | StepSizePolicy) -> StepSizePolicy:
+    """The policy ``policy`` (an instance, or the name of a built-in one at its defaults)."""
+    if isinstance(policy, StepSizePolicy):
+        return policy
+    if policy not in POLICIES:
+        raise ValueError(
+            f"Invalid step_size: {policy!r} (choose one of {', '.join(map(repr, POLICIES))}, "
+            "or pass a quadstep.stepsize.StepSizePolicy instance)"
+        )
+    return POLICIES[policy]()

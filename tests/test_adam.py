@@ -139,7 +139,7 @@ def test_scale_mode_moves_parameters_by_alpha_times_d_and_records_that_step() ->
     dg·α = Δθᵀg and dHd·α² = Δθᵀ H_blockdiag Δθ from autograd."""
     model = extend(mlp(nn.Tanh))
     loss_fn = extend(nn.MSELoss())
-    opt = QuadraticLineSearchAdam(model.parameters(), curvature="hessian", alpha_max=float("inf"))
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", curvature="hessian", alpha_max=float("inf"))
     grads: list[torch.Tensor] = []
     for x, y in batches(5):
         before = [p.detach().clone() for p in model.parameters()]

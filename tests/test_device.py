@@ -182,7 +182,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam-tensor-lr": lambda net, **kw: QuadraticLineSearchAdam(
         net.parameters(), lr=torch.tensor(1e-2, device=next(net.parameters()).device), weight_decay=0.1, **kw
     ),
-    "adam-per-block": lambda net, **kw: QuadraticLineSearchAdam(net.parameters(), lr=1e-2, per_block=True, **kw),
+    "adam-per-block": lambda net, **kw: QuadraticLineSearchAdam(net.parameters(), lr=1e-2, per_block=True, step_size="greedy", **kw),
     "sgd-nesterov": lambda net, **kw: QuadraticLineSearchSGD(
         net.parameters(), lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, **kw
     ),

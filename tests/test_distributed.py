@@ -158,7 +158,7 @@ def record_column(records: list[dict[str, Any]], key: str) -> torch.Tensor:
 def test_ranks_take_identical_steps(runs: dict[str, Any], name: str) -> None:
     r0, r1 = (runs["ranks"][r][name] for r in range(WORLD))
     assert torch.equal(r0["params"], r1["params"])
-    assert r0["records"] == r1["records"]
+    assert repr(r0["records"]) == repr(r1["records"])  # bit for bit: repr round-trips floats, NaN included
 
 
 def test_one_all_reduce_per_step(runs: dict[str, Any]) -> None:

@@ -186,7 +186,7 @@ def test_undefined_alpha_star_falls_back_to_lr(curvature_value: float, status: s
 
 def test_not_descent_direction_falls_back_to_lr() -> None:
     model, loss_fn = model_and_loss()
-    opt = QuadraticLineSearchAdam(model.parameters(), lr=0.01)
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", lr=0.01)
     backward(model, loss_fn, opt)
     first = [p.grad.clone() for p in model.parameters()]
     opt.step()
@@ -215,7 +215,7 @@ def test_zero_gradient_falls_back_to_lr() -> None:
 @pytest.mark.parametrize("bounds, status", [((0.0, 1e-6), "clipped-max"), ((1e3, 1e4), "clipped-min")])
 def test_clipping_is_recorded(bounds: tuple[float, float], status: str) -> None:
     model, loss_fn = model_and_loss()
-    opt = QuadraticLineSearchAdam(model.parameters(), alpha_min=bounds[0], alpha_max=bounds[1])
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", alpha_min=bounds[0], alpha_max=bounds[1])
     backward(model, loss_fn, opt)
     opt.step()
     rec = opt.history[-1]

@@ -248,7 +248,7 @@ def test_alpha_star_is_true_minimiser_on_exact_quadratic(curvature: str) -> None
     loss_fn = nn.MSELoss()
     theta = [p.detach().clone() for p in model.parameters()]
     opt = QuadraticLineSearchAdam(
-        model.parameters(), curvature=curvature, alpha_max=math.inf, model=model, loss_fn=loss_fn
+        model.parameters(), step_size="greedy", curvature=curvature, alpha_max=math.inf, model=model, loss_fn=loss_fn
     )
     loss_fn(model(x), y).backward()
     ds = [-p.grad / (p.grad.abs() + 1e-8) for p in model.parameters()]
@@ -301,12 +301,12 @@ def test_per_block_alpha_star(curvature: str) -> None:
     theta = [p.detach().clone() for p in model.parameters()]
     if curvature == "hessian":
         model, bp_loss = extend(model), extend(nn.CrossEntropyLoss())
-        opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature, per_block=True, alpha_max=1.0)
+        opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", curvature=curvature, per_block=True, alpha_max=1.0)
         with backpack(opt.extension()):
             bp_loss(model(x), y).backward()
     else:
         opt = QuadraticLineSearchAdam(
-            model.parameters(), curvature=curvature, per_block=True, alpha_max=1.0, model=model, loss_fn=loss_fn
+            model.parameters(), step_size="greedy", curvature=curvature, per_block=True, alpha_max=1.0, model=model, loss_fn=loss_fn
         )
         loss_fn(model(x), y).backward()
     grads = [p.grad.detach().clone() for p in model.parameters()]

@@ -254,7 +254,7 @@ def test_scale_mode_moves_by_alpha_times_direction(config: str) -> None:
     nesterov = kwargs.get("nesterov", False)
     model = extend(_mlp(2))
     loss_fn = extend(nn.MSELoss())
-    opt = QuadraticLineSearchSGD(model.parameters(), lr=1e-3, curvature="ggn", **kwargs)
+    opt = QuadraticLineSearchSGD(model.parameters(), step_size="greedy", lr=1e-3, curvature="ggn", **kwargs)
     bufs: list[torch.Tensor | None] = [None] * 4
     used_alpha_star = 0
     for t, (x, y) in enumerate(_batches(4, 6), start=1):

@@ -57,7 +57,7 @@ from backpack import CTX, backpack, memory_cleanup
 from backpack.core.derivatives.maxpoolnd import MaxPoolNDDerivatives
 from backpack.core.derivatives.relu import ReLUDerivatives
 from backpack.extensions import GGNMP, HMP, PCHMP
-from backpack.extensions.backprop_extension import FAIL_ERROR, BackpropExtension
+from backpack.extensions.backprop_extension import FAIL_ERROR, FAIL_SILENT, BackpropExtension
 from backpack.extensions.curvmatprod.ggnmp.ggnmpbase import GGNMPBase
 from backpack.extensions.curvmatprod.pchmp.pchmpbase import PCHMPBase
 from backpack.extensions.module_extension import ModuleExtension
@@ -450,6 +450,16 @@ class _ClearErrors:
             ) from err
 
 
+class _Idle(BackpropExtension):
+    """An extension with no module extensions: BackPACK's hooks do nothing under it."""
+
+    def __init__(self) -> None:
+        super().__init__(savefield="quadstep_idle", module_exts={}, fail_mode=FAIL_SILENT)
+
+    def expects_backpropagation_quantities(self) -> bool:
+        return False
+
+
 class _HMP(_ClearErrors, HMP, _Traceable):
     pass
 
@@ -485,7 +495,7 @@ class BackpackCurvature:
     #: The curvature names this class serves.
     NAMES: tuple[str, ...] = tuple(_EXTENSIONS)
     #: Its terms are already the per-parameter values d_pᵀC_pp d_p.
-    BLOCK_DIAGONAL = True
+    block_diagonal = True
 
     def __init__(self, name: str, savefield: str | None = None, model: nn.Module | None = None) -> None:
         self.name = name
@@ -494,16 +504,19 @@ class BackpackCurvature:
         self._touched: dict[int, nn.Module] = {}  # shared by every extension made here
         self._modules = None if model is None else list(model.modules())
 
-    def extension(self) -> BackpropExtension:
-        """The BackPACK extension to run ``loss.backward()`` under."""
+    def extension(self, measure: bool = True) -> BackpropExtension:
+        """The BackPACK extension to run ``loss.backward()`` under (one that does nothing when
+        ``measure`` is False: a step that does not query the curvature)."""
+        if not measure:
+            return _Idle()
         ext = self._cls(savefield=self.savefield, **self._kwargs)
         ext.touched = self._touched
         ext.modules = self._modules
         return ext
 
-    def context(self) -> AbstractContextManager[Any]:
-        """What a closure's ``loss.backward()`` runs under: ``backpack(extension())``."""
-        return backpack(self.extension())
+    def context(self, measure: bool = True) -> AbstractContextManager[Any]:
+        """What a closure's ``loss.backward()`` runs under: ``backpack(extension(measure))``."""
+        return backpack(self.extension(measure))
 
     def check_ready(self, params: Sequence[Tensor]) -> None:
         """Raise before anything changes if a parameter has no curvature product."""
@@ -517,6 +530,18 @@ class BackpackCurvature:
                 "`with backpack(optimizer.extension()):` before every `optimizer.step()`, "
                 "or pass a closure: `optimizer.step(closure)`. No parameter was changed."
             )
+
+    def forms_along(
+        self, params: Sequence[Tensor], direction_sets: Sequence[Sequence[Tensor]]
+    ) -> list[list[Tensor]]:
+        """:meth:`quadratic_forms` for each set of directions, all from one sweep."""
+        n = len(params)
+        forms = self.quadratic_forms(list(params) * len(direction_sets), [d for ds in direction_sets for d in ds])
+        return [forms[i * n : (i + 1) * n] for i in range(len(direction_sets))]
+
+    def block_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
+        """:math:`d_p^\\top C_{pp} d_p` for every parameter ``p``: the terms of :meth:`quadratic_forms`."""
+        return self.quadratic_forms(params, directions)
 
     def quadratic_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
         """:math:`d_p^\\top C_{pp} d_p` for every parameter ``p`` (0-dim tensors)."""

@@ -155,8 +155,8 @@ class ExactCurvature:
 
     #: The curvature names this class serves.
     NAMES: tuple[str, ...] = ("ggn-exact", "hessian-exact")
-    #: Its one term is the full dᵀCd; per-parameter values need block_quadratic_forms.
-    BLOCK_DIAGONAL = False
+    #: Its one term is the full dᵀCd; per-parameter values need block_forms.
+    block_diagonal = False
 
     def __init__(self, name: str, model: nn.Module | None, loss_fn: nn.Module | None) -> None:
         if not isinstance(model, nn.Module) or not isinstance(loss_fn, nn.Module):
@@ -286,13 +286,13 @@ class ExactCurvature:
         output.register_hook(backward)
 
     # ---------------------------------------------------------------- the optimizer's interface
-    def extension(self) -> Any:
+    def extension(self, measure: bool = True) -> Any:
         raise RuntimeError(
             f"curvature={self.name!r} needs no BackPACK extension and no `with backpack(...)` "
             "context: run `loss_fn(model(x), y).backward()` as for torch.optim.Adam, then `step()`."
         )
 
-    def context(self) -> AbstractContextManager[Any]:
+    def context(self, measure: bool = True) -> AbstractContextManager[Any]:
         """What a closure's ``loss.backward()`` runs under: nothing, a plain backward."""
         return contextlib.nullcontext()
 
@@ -340,7 +340,13 @@ class ExactCurvature:
         """One value, :math:`d^\\top C d` of the full matrix (its terms are not per parameter)."""
         return [self._quadratic(dict(zip(params, directions)))]
 
-    def block_quadratic_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
+    def forms_along(
+        self, params: Sequence[Tensor], direction_sets: Sequence[Sequence[Tensor]]
+    ) -> list[list[Tensor]]:
+        """:meth:`quadratic_forms` for each set of directions: one pass each."""
+        return [self.quadratic_forms(params, ds) for ds in direction_sets]
+
+    def block_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
         r""":math:`d_p^\top C_{pp} d_p` for every parameter ``p``: one pass per parameter tensor."""
         return [self._quadratic({p: d}) for p, d in zip(params, directions)]
 
