@@ -84,6 +84,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="run quadstep only with these curvatures (default: every one in quadstep.CURVATURES)",
     )
     parser.add_argument(
+        "--policies",
+        nargs="+",
+        metavar="NAME[@K]",
+        help="quadstep's step-size policies in scale mode, each optionally with its curvature-query "
+        "interval, e.g. `lagged lagged@10 greedy` (default: greedy lagged lagged@10)",
+    )
+    parser.add_argument(
         "--steps", type=int, help="steps per run for every workload (default: per workload and size)"
     )
     parser.add_argument(
@@ -103,6 +110,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(
             f"unknown curvature(s) {', '.join(sorted(unknown))}; choose from {', '.join(quadstep.CURVATURES)}"
         )
+    policies = []
+    for spec in args.policies or ():
+        name, _, every = spec.partition("@")
+        if name not in quadstep.stepsize.POLICIES or (every and not every.isdigit()) or every == "0":
+            parser.error(f"--policies: {spec!r} is not NAME[@K] with NAME in {', '.join(quadstep.stepsize.POLICIES)}")
+        policies.append((name, int(every or 1)))
+    args.policies = policies or None
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.steps is not None and args.steps < 1:
@@ -140,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         optimizers=args.optimizers,
         curvatures=args.curvatures,
         progress=not args.no_progress,
+        policies=args.policies,
     )
     if not rows:
         logging.error("nothing ran (no workload had its data); see the messages above")

@@ -55,12 +55,18 @@ def read_log(path: Path) -> dict[str, dict[str, list[Any]]]:
             run = runs.setdefault(row["run_id"], {})
             for key, value in row.items():
                 if key != "run_id":
-                    run.setdefault(key, []).append(value if key == "status" else float(value or "nan"))
+                    run.setdefault(key, []).append(value if key.endswith("status") else float(value or "nan"))
     return runs
 
 
 def config_of(row: dict[str, Any]) -> Config:
-    return (row["optimizer"], float(row["lr"]), row["curvature"] or "", row["mode"] or "")
+    """(optimizer, lr, curvature, mode); a scale-mode policy other than greedy at every step is part of
+    the mode, e.g. ``scale:lagged`` or ``scale:lagged@10`` (rows without a policy are greedy)."""
+    mode = row["mode"] or ""
+    policy, every = row.get("step_size") or "greedy", int(row.get("every") or 1)
+    if mode == "scale" and (policy, every) != ("greedy", 1):
+        mode += f":{policy}" + (f"@{every}" if every > 1 else "")
+    return (row["optimizer"], float(row["lr"]), row["curvature"] or "", mode)
 
 
 def by_config(rows: Sequence[dict[str, Any]]) -> dict[Config, list[dict[str, Any]]]:
@@ -108,7 +114,7 @@ def _fmt(values: Sequence[float | None], percent: bool = False) -> str:
 
 
 def _step_size(config: Config, runs: Sequence[dict[str, Any]]) -> str:
-    if config[0] == "quadstep_adam" and config[3] == "scale":
+    if config[0] == "quadstep_adam" and config[3].startswith("scale"):
         mean, _, n = mean_std([r["alpha_median"] for r in runs])
         return f"α̃ {mean:.3g}" if n else "–"
     if config[0] in PEERS:
@@ -163,15 +169,16 @@ def headline(rows: Sequence[dict[str, Any]]) -> dict[Config, list[dict[str, Any]
             picked[config] = runs
     order = {"adam": 0, "quadstep_adam": 1, "prodigy": 2, "dadapt_adam": 3, "schedulefree_adamw": 4, "sgd": 5}
     return dict(
-        sorted(picked.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][3] != "scale", kv[0][1]))
+        sorted(picked.items(), key=lambda kv: (order.get(kv[0][0], 9), not kv[0][3].startswith("scale"), kv[0][1]))
     )
 
 
 def overview(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     """One row per workload: final train loss (test accuracy) of the best Adam lr, each alpha*
     scale variant, each peer and the best SGD lr; mean over seeds, "diverged" where any seed did."""
-    curvatures = list(dict.fromkeys(r["curvature"] for r in rows if r["optimizer"] == "quadstep_adam" and r["mode"] == "scale"))
-    head = ["workload", "Adam, best lr", *[f"α* {c}" for c in curvatures], "Prodigy", "D-Adapt Adam",
+    variants = {c[2:]: runs[0]["label"] for c, runs in by_config(rows).items()
+                if c[0] == "quadstep_adam" and c[3].startswith("scale")}
+    head = ["workload", "Adam, best lr", *variants.values(), "Prodigy", "D-Adapt Adam",
             "Schedule-Free AdamW", "SGD, best lr"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for workload in dict.fromkeys(r["workload"] for r in rows):
@@ -195,8 +202,8 @@ def overview(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         cells = [
             workload,
             cell(("adam", adam, "", "") if adam is not None else None, lr_label=True),
-            *[cell(next((c for c in groups if c[0] == "quadstep_adam" and c[2] == k and c[3] == "scale"), None))
-              for k in curvatures],
+            *[cell(next((c for c in groups if c[0] == "quadstep_adam" and c[2:] == k), None))
+              for k in variants],
             *[cell(peers.get(name)) for name in PEERS],
             cell(("sgd", sgd, "", "") if sgd is not None else None, lr_label=True),
         ]
@@ -273,7 +280,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> st
                     + (f", {median / adam:.3g}× the best lr)." if adam else ").")
                 )
         groups = by_config(wrows)
-        scores = {c: score(runs) for c, runs in groups.items() if c[0] == "quadstep_adam" and c[3] == "scale"}
+        scores = {c: score(runs) for c, runs in groups.items() if c[0] == "quadstep_adam" and c[3].startswith("scale")}
         finite = {c: v for c, v in scores.items() if math.isfinite(v)}
         if adam and finite:
             best_alpha = min(finite, key=finite.__getitem__)
@@ -357,7 +364,7 @@ def plot_workload(
         curves = [_ema(logs[r["run_id"]]["loss"]) for r in runs if r["run_id"] in logs]
         if not curves:
             continue
-        style = dashes[i % len(dashes)] if config[3] == "scale" else ("-" if config[0] == "adam" else ":")
+        style = dashes[i % len(dashes)] if config[3].startswith("scale") else ("-" if config[0] == "adam" else ":")
         label = runs[0]["label"] + (" (best)" if config[0] == "adam" and config[1] == adam else "")
         ax.plot(_mean_curve(curves), style, lw=1.6, color=colors[i % len(colors)], label=label)
     ax.set(
@@ -388,7 +395,7 @@ def plot_workload(
                 capsize=3,
                 label=f"{'Adam' if name == 'adam' else 'SGD'}, fixed lr",
             )
-    others = [(c, runs) for c, runs in headline(rows).items() if c[0] in PEERS or c[3] == "scale"]
+    others = [(c, runs) for c, runs in headline(rows).items() if c[0] in PEERS or c[3].startswith("scale")]
     for i, (config, runs) in enumerate(others):
         ok = [r for r in runs if r["status"] == "ok"]
         mean, _, n = mean_std([r["final_train_loss"] for r in ok])
@@ -396,14 +403,14 @@ def plot_workload(
             continue
         color = colors[(i + 2) % len(colors)]
         label = runs[0]["label"]
-        if config[3] == "scale":  # a star where the median α it used sits on the lr axis
+        if config[3].startswith("scale"):  # a star where the median α it used sits on the lr axis
             used, _, n_used = mean_std([r["alpha_median"] for r in ok])
             if n_used and used > 0:
                 ax.plot([used], [mean], "*", ms=11, color=color)
                 label += f" (★ at median α {used:.2g})"
         ax.axhline(
             mean,
-            ls=dashes[i % len(dashes)] if config[3] == "scale" else ":",
+            ls=dashes[i % len(dashes)] if config[3].startswith("scale") else ":",
             lw=1.3,
             color=color,
             label=label,

@@ -23,8 +23,10 @@ from backpack import backpack, extend
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from quadstep.stepsize import POLICIES as POLICY_NAMES
+
 from . import report
-from .submissions import DEFAULT_LR, Submission, observe_submissions, submissions
+from .submissions import DEFAULT_LR, POLICIES, Submission, observe_submissions, submissions
 from .workloads import Data, DataUnavailable, Workload
 
 log = logging.getLogger("benchmarks")
@@ -37,6 +39,8 @@ RESULT_COLUMNS = (
     "lr",
     "curvature",
     "mode",
+    "step_size",
+    "every",
     "seed",
     "steps",
     "status",
@@ -52,7 +56,20 @@ RESULT_COLUMNS = (
     "error",
 )
 #: Columns of logs/<workload>.csv, one row per step of every run (alpha columns: quadstep runs only).
-LOG_COLUMNS = ("run_id", "step", "loss", "alpha_star", "alpha", "dg", "dHd", "status")
+LOG_COLUMNS = (
+    "run_id",
+    "step",
+    "loss",
+    "alpha_star",
+    "alpha",
+    "dg",
+    "dHd",
+    "status",
+    "policy_status",
+    "slope",
+    "lagged_dHd",
+    *(f"{name}.{field}" for name in POLICY_NAMES for field in ("alpha", "numerator", "denominator")),
+)
 #: A run whose final training loss exceeds its initial one by this factor has diverged.
 DIVERGENCE_FACTOR = 10.0
 #: Training-set examples on which the final training loss is evaluated.
@@ -166,7 +183,7 @@ def train_run(workload: Workload, data: Data, sub: Submission, seed: int, steps:
     if history is not None:
         columns = history.columns()
         for i, log_row in enumerate(log_rows[: len(history)]):
-            log_row.update({key: columns[key][i] for key in LOG_COLUMNS[3:]})
+            log_row.update({key: columns[key][i] for key in LOG_COLUMNS[3:] if key in columns})
         defined = [
             a for a, s in zip(columns["alpha_star"], columns["status"], strict=True) if s in report.DEFINED
         ]
@@ -219,6 +236,8 @@ def _identity(workload: Workload, sub: Submission, seed: int) -> dict[str, Any]:
         "lr": sub.lr,
         "curvature": sub.curvature,
         "mode": sub.mode,
+        "step_size": sub.step_size,
+        "every": sub.every,
         "seed": seed,
         "run_id": f"{workload.name}__{sub.slug}__s{seed}",
     }
@@ -233,6 +252,7 @@ def run(
     optimizers: Sequence[str] | None = None,
     curvatures: Sequence[str] | None = None,
     progress: bool = True,
+    policies: Sequence[tuple[str, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every workload × submission × seed, write the files into ``out``, and return the rows.
 
@@ -241,6 +261,8 @@ def run(
         steps: overrides every workload's step count.
         optimizers: keep only submissions with these ``optimizer`` names (all when None).
         curvatures: keep only quadstep submissions with these curvatures (all when None).
+        policies: quadstep's (step-size policy, every) pairs in scale mode (all of
+            :data:`~benchmarks.submissions.POLICIES` when None).
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -280,7 +302,7 @@ def run(
                 "optimum_test_loss": workload.optimum(data) if workload.optimum else None,
             }
             logs = _CsvSink(out / "logs" / f"{workload.name}.csv", LOG_COLUMNS)
-            plan = keep(submissions(workload.backpack, curvatures=curvatures))
+            plan = keep(submissions(workload.backpack, curvatures=curvatures, policies=policies or POLICIES))
             for stage in ("grid", "observe-best"):
                 if stage == "observe-best":
                     # alpha* along the best fixed-lr Adam trajectory too, where that is not the default lr

@@ -2,8 +2,9 @@
 
 - ``adam``: :class:`torch.optim.Adam` at a fixed lr, on a log grid (:data:`ADAM_LRS`).
 - ``quadstep_adam``: :class:`quadstep.QuadraticLineSearchAdam`, in ``observe`` mode (Adam's own
-  steps at a fixed lr, alpha* only recorded) and in ``scale`` mode (steps of alpha*) with every
-  curvature of :data:`quadstep.CURVATURES`; everything else at its defaults.
+  steps at a fixed lr, alpha* and every policy's proposal only recorded) and in ``scale`` mode with
+  each step-size policy of :data:`POLICIES` and every curvature of :data:`quadstep.CURVATURES`;
+  everything else at its defaults.
 - What users pick instead of tuning, at their own defaults: ``prodigy`` (:mod:`prodigyopt`),
   ``dadapt_adam`` (:mod:`dadaptation`), ``schedulefree_adamw`` (:mod:`schedulefree`).
 - ``sgd``: :class:`torch.optim.SGD` without momentum on a log grid (:data:`SGD_LRS`).
@@ -35,6 +36,8 @@ DEFAULT_LR = 1e-3
 BACKPACK_CURVATURES = tuple(
     c for c in quadstep.CURVATURES if c not in getattr(quadstep.curvature, "EXACT_CURVATURES", ())
 )
+#: quadstep's step-size policies in scale mode: (policy, every), with every curvature.
+POLICIES = (("greedy", 1), ("lagged", 1), ("lagged", 10))
 #: The defaults of the peers, as their packages ship them.
 PEER_LRS = {"prodigy": 1.0, "dadapt_adam": 1.0, "schedulefree_adamw": 0.0025}
 
@@ -49,12 +52,16 @@ class Submission:
         lr: the learning rate passed to it (quadstep in scale mode: only its fallback).
         curvature: quadstep's curvature, "" for the others.
         mode: quadstep's mode, "" for the others.
+        step_size: quadstep's step-size policy in scale mode ("" for the others).
+        every: quadstep's curvature-query interval.
     """
 
     optimizer: str
     lr: float
     curvature: str = ""
     mode: str = ""
+    step_size: str = ""
+    every: int = 1
 
     @property
     def is_quadstep(self) -> bool:
@@ -75,7 +82,8 @@ class Submission:
         if self.is_quadstep:
             if self.mode == "observe":
                 return f"Adam lr={self.lr:g} (α* observed, {self.curvature})"
-            return f"α* scale {self.curvature}"
+            every = f", every {self.every}" if self.every > 1 else ""
+            return f"α {self.step_size} {self.curvature}{every}"
         names = {
             "prodigy": "Prodigy",
             "dadapt_adam": "D-Adapt Adam",
@@ -89,6 +97,8 @@ class Submission:
         parts = [self.optimizer, f"lr{self.lr:g}"]
         if self.is_quadstep:
             parts += [self.mode, self.curvature]
+            if self.mode == "scale":
+                parts += [self.step_size] + ([f"every{self.every}"] if self.every > 1 else [])
         return "_".join(parts)
 
     def build(self, params: Iterable[Tensor], model: nn.Module, loss_fn: nn.Module) -> Optimizer:
@@ -125,6 +135,8 @@ class Submission:
                         "QuadraticLineSearchAdam takes no model=/loss_fn= arguments"
                     )
                 kwargs = {"model": model, "loss_fn": loss_fn}
+            if self.mode == "scale":
+                kwargs.update(step_size=self.step_size, every=self.every)
             return QuadraticLineSearchAdam(
                 params, lr=self.lr, curvature=self.curvature, mode=self.mode, history_size=None, **kwargs
             )
@@ -144,19 +156,24 @@ def observe_curvature(backpack_ok: bool, curvatures: Sequence[str] | None = None
 
 
 def submissions(
-    backpack_ok: bool, observe_lrs: Iterable[float] = (DEFAULT_LR,), curvatures: Sequence[str] | None = None
+    backpack_ok: bool,
+    observe_lrs: Iterable[float] = (DEFAULT_LR,),
+    curvatures: Sequence[str] | None = None,
+    policies: Sequence[tuple[str, int]] = POLICIES,
 ) -> list[Submission]:
     """Every submission for a workload (``backpack_ok``: BackPACK supports all its layers).
 
     ``observe_lrs``: the fixed-lr Adam trajectories along which alpha* is observed;
-    ``curvatures``: quadstep's curvatures to run (all of :data:`quadstep.CURVATURES` when None).
+    ``curvatures``: quadstep's curvatures to run (all of :data:`quadstep.CURVATURES` when None);
+    ``policies``: quadstep's (step-size policy, every) pairs in scale mode.
     """
     subs = [Submission("adam", lr) for lr in ADAM_LRS]
     subs += [Submission(name, lr) for name, lr in PEER_LRS.items()]
     subs += [Submission("sgd", lr) for lr in SGD_LRS]
     subs += observe_submissions(backpack_ok, observe_lrs, curvatures)
     subs += [
-        Submission("quadstep_adam", DEFAULT_LR, curvature, "scale")
+        Submission("quadstep_adam", DEFAULT_LR, curvature, "scale", policy, every)
+        for policy, every in policies
         for curvature in quadstep.CURVATURES
         if (backpack_ok or curvature not in BACKPACK_CURVATURES)
         and (curvatures is None or curvature in curvatures)
