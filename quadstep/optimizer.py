@@ -148,13 +148,15 @@ class QuadraticLineSearch(Optimizer):
             ds, grad_sq = self._directions(groups, self.state.__getitem__)
             measured, blocks = self._measure(params, ds, grad_sq, self.measures(t))
             proposals, policy_states = self._propose(measured)
-            alphas, rule = self._update(groups, ds, measured, proposals[0], blocks)
+            alphas, per_param, shrinks, rule = self._step_sizes(groups, measured, proposals[0], blocks)
+            record = self._record(t, measured, proposals, alphas, rule)
+            self._apply(groups, ds, per_param, shrinks)
         except BaseException:
             _restore(self.state, saved)
             raise
         finally:
             self._curvature.release(params)
-        self._commit(t, params, ds, measured, proposals, policy_states, alphas, rule)
+        self._commit(t, params, ds, policy_states, alphas, record)
         return loss
 
     def _measure(
@@ -192,77 +194,100 @@ class QuadraticLineSearch(Optimizer):
         out = [policy.propose(measured, state) for policy, state in zip(self._policies, states)]
         return [proposal for proposal, _ in out], [state for _, state in out]
 
-    def _update(
+    def _step_sizes(
         self,
         groups: list[tuple[dict[str, Any], list[Tensor]]],
-        ds: list[Tensor],
         measured: Measurement,
         proposal: Proposal,
         blocks: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, StepSize]:
-        r""":math:`\theta \leftarrow (1 - \mathrm{lr}\,\lambda)\,\theta + \alpha d` for every group; the
-        alphas used and the greedy rule's verdict on alpha* (for the record)."""
+    ) -> tuple[Tensor, list[Tensor], list[Tensor | None], StepSize]:
+        """The alpha of each group, of each parameter, each group's weight-decay factor, and the
+        greedy rule's verdict on alpha* (for the record). Scale mode: the policy's alpha, the
+        group's lr where it has none; observe mode: the lr; 0 on a skipped step."""
         scale = self.mode == "scale"
         bounds = (self.alpha_min, self.alpha_max) if scale else (0.0, math.inf)
         rule = quadratic_step(measured.dg, measured.dcd, measured.grad_sq, *bounds)
         block_rule = quadratic_step(*blocks, measured.grad_sq, *bounds) if blocks is not None else None
-        alphas = []
-        k = 0  # index of the parameter in ds and the block values
+        alphas, per_param, shrinks = [], [], []
         for group, ps in groups:
             lr = torch.ones_like(measured.dg) * group["lr"]  # a tensor lr is not read on the host
             alpha = torch.where(proposal.alpha.isnan(), lr, proposal.alpha) if scale else lr
             alphas.append(torch.where(rule.skip, 0.0, alpha))
             wd = group["weight_decay"] if self.decoupled_weight_decay else 0.0
-            if wd != 0:
-                shrink = torch.where(rule.skip, 1.0, 1.0 - lr * wd)
-            alpha_as = {dtype: alphas[-1].to(dtype) for dtype in {p.dtype for p in ps}}
+            shrinks.append(torch.where(rule.skip, 1.0, 1.0 - lr * wd) if wd != 0 else None)
+            if block_rule is None:
+                per_param += [alphas[-1]] * len(ps)
+                continue
+            for k in range(len(per_param), len(per_param) + len(ps)):
+                block = torch.where(block_rule.defined[k], block_rule.alpha[k], lr) if scale else lr
+                per_param.append(torch.where(rule.skip, 0.0, block))
+        return torch.stack(alphas), per_param, shrinks, rule
+
+    def _apply(
+        self,
+        groups: list[tuple[dict[str, Any], list[Tensor]]],
+        ds: list[Tensor],
+        per_param: list[Tensor],
+        shrinks: list[Tensor | None],
+    ) -> None:
+        r""":math:`\theta \leftarrow (1 - \mathrm{lr}\,\lambda)\,\theta + \alpha d`, in place."""
+        k = 0
+        for (_, ps), shrink in zip(groups, shrinks):
+            cast: dict[tuple[int, torch.dtype], Tensor] = {}
             for p in ps:
-                alpha = alpha_as[p.dtype]
-                if block_rule is not None:
-                    block_alpha = torch.where(block_rule.defined[k], block_rule.alpha[k], lr) if scale else lr
-                    self.state[p]["block_alpha"] = torch.where(rule.skip, 0.0, block_alpha)
-                    alpha = self.state[p]["block_alpha"].to(p.dtype)
-                if wd != 0:
+                alpha = per_param[k]
+                key = (id(alpha), p.dtype)
+                if key not in cast:
+                    cast[key] = alpha.to(p.dtype)
+                if self.per_block:
+                    self.state[p]["block_alpha"] = alpha
+                if shrink is not None:
                     p.mul_(shrink.to(p.dtype))
-                p.addcmul_(ds[k], alpha)  # alpha = 0 on a skipped step; d is finite
+                p.addcmul_(ds[k], cast[key])  # alpha = 0 on a skipped step; d is finite
                 k += 1
-        return torch.stack(alphas), rule
+
+    def _record(
+        self,
+        t: int,
+        measured: Measurement,
+        proposals: list[Proposal],
+        alphas: Tensor,
+        rule: StepSize,
+    ) -> StepRecord:
+        """The step's record: alpha*, the alphas used, dᵀg, dᵀCd, why, and each policy's proposal."""
+        status = rule.status
+        if not measured.measured:
+            status = torch.where(rule.skip, rule.status, RECORD_CODE["not-measured"])
+        return StepRecord.make(
+            t,
+            rule.alpha_star,
+            alphas,
+            measured.dg,
+            measured.dcd,
+            status,
+            policy_status=torch.where(rule.skip, rule.status, proposals[0].status),
+            measured=measured.measured,
+            slope=measured.slope,
+            lagged_dHd=measured.lagged_dcd,
+            proposals={p.name: tuple(prop[:3]) for p, prop in zip(self._policies, proposals)},
+        )
 
     def _commit(
         self,
         t: int,
         params: list[Tensor],
         ds: list[Tensor],
-        measured: Measurement,
-        proposals: list[Proposal],
         policy_states: list[PolicyState],
         alphas: Tensor,
-        rule: StepSize,
+        record: StepRecord,
     ) -> None:
-        """Keep what the next step needs (policy states, and d and alpha for a lagged measurement), record."""
+        """Keep what the next step needs (policy states, and d and alpha for a lagged measurement)."""
         self._policy_states = policy_states
         self._previous_alpha = alphas[0]
         # d itself, not a copy: a new tensor every step (0 on a skipped step, whose alpha is 0 too).
         self._previous = dict(zip(params, ds)) if self._lagged and self.measures(t + 1) else {}
         self._steps = t
-        status = rule.status
-        if not measured.measured:
-            status = torch.where(rule.skip, rule.status, RECORD_CODE["not-measured"])
-        self.history.append(
-            StepRecord.make(
-                t,
-                rule.alpha_star,
-                alphas,
-                measured.dg,
-                measured.dcd,
-                status,
-                policy_status=torch.where(rule.skip, rule.status, proposals[0].status),
-                measured=measured.measured,
-                slope=measured.slope,
-                lagged_dHd=measured.lagged_dcd,
-                proposals={p.name: tuple(prop[:3]) for p, prop in zip(self._policies, proposals)},
-            )
-        )
+        self.history.append(record)
 
     def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each param group with its parameters that have a (dense) gradient."""
