@@ -15,8 +15,8 @@ cross-entropy) and every curvature option in :data:`quadstep.CURVATURES`, one
   ``model=model, loss_fn=loss_fn`` and stepped after a plain backward; an option whose
   constructor refuses these arguments is skipped with a message.
 
-quadstep runs in ``mode="observe"``: the same curvature, dᵀg and α* are computed as in
-``"scale"`` mode, but the parameters follow Adam, so no run diverges during timing.
+quadstep runs in ``mode="scale"`` with each step-size policy of ``--policies`` (``NAME@K``: the
+curvature queried every K steps); alpha stays within the policy's clip, [0, 0.1] by default.
 
 Time: every contender keeps its own model and optimizer; after ``--warmup`` steps each,
 ``--rounds`` rounds run ``--steps`` steps of every contender in turn (the order rotates
@@ -86,6 +86,7 @@ class Contender:
     name: str
     curvature: str
     build: Callable[[nn.Module, Tensor, Tensor], Step]
+    policy: str = ""  #: quadstep's step-size policy and curvature-query interval, e.g. ``lagged@10``
 
 
 def make_mlp(depth: int) -> nn.Sequential:
@@ -128,8 +129,14 @@ def adam(fused: bool = False) -> Callable[[nn.Module, Tensor, Tensor], Step]:
     return build
 
 
+def _policy(spec: str) -> dict[str, object]:
+    """``NAME[@K]`` as the optimizer's ``step_size=NAME, every=K``."""
+    name, _, every = spec.partition("@")
+    return {"step_size": name, "every": int(every or 1)}
+
+
 def quadstep_backpack(
-    curvature: str, given_model: bool = True
+    curvature: str, policy: str, given_model: bool = True
 ) -> Callable[[nn.Module, Tensor, Tensor], Step]:
     def build(template: nn.Module, x: Tensor, y: Tensor) -> Step:
         model = extend(copy.deepcopy(template))
@@ -138,8 +145,8 @@ def quadstep_backpack(
             model.parameters(),
             lr=1e-3,
             curvature=curvature,
-            mode="observe",
             model=model if given_model else None,
+            **_policy(policy),  # type: ignore[arg-type]
         )
 
         def step() -> None:
@@ -153,25 +160,32 @@ def quadstep_backpack(
     return build
 
 
-def quadstep_plain(curvature: str) -> Callable[[nn.Module, Tensor, Tensor], Step]:
+def quadstep_plain(curvature: str, policy: str) -> Callable[[nn.Module, Tensor, Tensor], Step]:
     def build(template: nn.Module, x: Tensor, y: Tensor) -> Step:
         model, loss_fn = copy.deepcopy(template), nn.CrossEntropyLoss()
         opt = quadstep.QuadraticLineSearchAdam(  # type: ignore[call-arg]
-            model.parameters(), lr=1e-3, curvature=curvature, mode="observe", model=model, loss_fn=loss_fn
+            model.parameters(), lr=1e-3, curvature=curvature, model=model, loss_fn=loss_fn,
+            **_policy(policy),  # type: ignore[arg-type]
         )
         return plain_step(model, loss_fn, opt, x, y)
 
     return build
 
 
-def contenders(curvatures: Sequence[str], given_model: bool = True) -> list[Contender]:
-    """Adam (the reference), Adam with its fused kernel, then one quadstep contender per curvature."""
+def contenders(
+    curvatures: Sequence[str], policies: Sequence[str] = ("greedy",), given_model: bool = True
+) -> list[Contender]:
+    """Adam (the reference), Adam with its fused kernel, then one quadstep contender (scale mode) per
+    curvature and step-size policy ``NAME[@K]``."""
     out = [Contender("adam", "", adam()), Contender("adam-fused", "", adam(fused=True))]
-    for name in curvatures:
-        build = (
-            quadstep_backpack(name, given_model) if name in BackpackCurvature.NAMES else quadstep_plain(name)
-        )
-        out.append(Contender("quadstep", name, build))
+    for policy in policies:
+        for name in curvatures:
+            build = (
+                quadstep_backpack(name, policy, given_model)
+                if name in BackpackCurvature.NAMES
+                else quadstep_plain(name, policy)
+            )
+            out.append(Contender("quadstep", name, build, policy))
     return out
 
 
@@ -274,7 +288,7 @@ def run_problem(
 
 
 COLUMNS = (
-    "problem", "optimizer", "curvature", "ms_median", "ms_p25", "ms_p75",
+    "problem", "optimizer", "curvature", "policy", "ms_median", "ms_p25", "ms_p75",
     "time_ratio_median", "time_ratio_p25", "time_ratio_p75", "time_ratio_min", "time_ratio_max",
     "peak_mib", "peak_ratio",
 )  # fmt: skip
@@ -286,6 +300,7 @@ def row(result: Result) -> dict[str, str]:
         "problem": result.problem,
         "optimizer": result.contender.name,
         "curvature": result.contender.curvature,
+        "policy": result.contender.policy,
         "ms_median": f"{statistics.median(ms):.3f}",
         "ms_p25": f"{quantile(ms, 0.25):.3f}",
         "ms_p75": f"{quantile(ms, 0.75):.3f}",
@@ -303,13 +318,14 @@ def markdown(rows: list[dict[str, str]], header: str) -> str:
     lines = [
         header,
         "",
-        "| problem | optimizer | curvature | ms/step (median) | time ratio vs Adam (median [p25–p75]) "
+        "| problem | optimizer | curvature | policy | ms/step (median) | time ratio vs Adam (median [p25–p75]) "
         "| peak MiB | peak ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['problem']} | {r['optimizer']} | {r['curvature'] or '—'} | {r['ms_median']} | "
+            f"| {r['problem']} | {r['optimizer']} | {r['curvature'] or '—'} | {r['policy'] or '—'} | "
+            f"{r['ms_median']} | "
             f"{r['time_ratio_median']}× [{r['time_ratio_p25']}–{r['time_ratio_p75']}] | "
             f"{r['peak_mib']} | {r['peak_ratio']}× |"
         )
@@ -323,6 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--curvatures", nargs="+", default=list(quadstep.CURVATURES), choices=quadstep.CURVATURES
     )
+    parser.add_argument(
+        "--policies", nargs="+", default=["greedy", "lagged", "lagged@10"], metavar="NAME[@K]",
+        help="step-size policies (with curvature-query interval K) of the quadstep contenders "
+        "(default: greedy lagged lagged@10)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per contender (default: 5)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default: 15)")
     parser.add_argument("--steps", type=int, default=5, help="steps per contender per round (default: 5)")
@@ -358,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     for problem in problems(args.depths, not args.no_cnn):
         print(f"{problem.name} ...", flush=True)
         results = run_problem(
-            problem, contenders(args.curvatures, not args.without_model), clock=CLOCKS[args.clock],
+            problem, contenders(args.curvatures, args.policies, not args.without_model), clock=CLOCKS[args.clock],
             warmup=args.warmup, rounds=args.rounds, steps=args.steps, memory_steps=args.memory_steps,
             seed=args.seed,
         )  # fmt: skip

@@ -83,6 +83,8 @@ class Submission:
             if self.mode == "observe":
                 return f"Adam lr={self.lr:g} (α* observed, {self.curvature})"
             every = f", every {self.every}" if self.every > 1 else ""
+            if self.step_size in ("", "greedy"):  # the greedy alpha* itself
+                return f"α* scale {self.curvature}{every}"
             return f"α {self.step_size} {self.curvature}{every}"
         names = {
             "prodigy": "Prodigy",

@@ -92,7 +92,7 @@ class QuadraticLineSearch(Optimizer):
         # Observe mode records every built-in policy's proposal along the direction's own steps.
         others = [cls() for cls in POLICIES.values() if mode == "observe" and not isinstance(policy, cls)]
         self._policies: list[StepSizePolicy] = [policy, *others]
-        self._lagged = any(p.lagged for p in self._policies)
+        self._lagged = any(p.lagged for p in self._policies)  # keeps d_{t-1} for a lagged measurement
         self._policy_states: list[PolicyState] | None = None
         self._previous_alpha: Tensor | None = None
         self._previous: dict[Tensor, Tensor] = {}  # d_{t-1} per parameter, kept when step t measures
@@ -115,7 +115,7 @@ class QuadraticLineSearch(Optimizer):
 
         On a step that does not query the curvature (``every > 1``) it is one that does nothing.
         """
-        return self._curvature.extension(measure=self.measures(self._steps + 1))
+        return self._curvature.extension(measure=self._checks(self._steps + 1))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -135,56 +135,98 @@ class QuadraticLineSearch(Optimizer):
         loss = None
         t = self._steps + 1
         if closure is not None:
-            with torch.enable_grad(), self._curvature.context(measure=self.measures(t)):
+            with torch.enable_grad(), self._curvature.context(measure=self._checks(t)):
                 loss = closure()
         groups = self._groups_with_grads()
         params = [p for _, ps in groups for p in ps]
         if not params:
             return loss
-        if self.measures(t):
+        sets = self._queried(t)
+        if self._checks(t):
             self._curvature.check_ready(params)  # raises before any state changes
-        saved = _saved(self.state, params)
+        saved = None
         try:
+            # Along d_{t-1} alone the curvature is queried (and its products freed) before any state
+            # changes; along d_t, after the direction has moved the state it copied first.
+            forms = None if "current" in sets else self._query(params, [], sets)
+            if forms is not None:
+                self._curvature.release(params)
+            saved = _saved(self.state, params)
             ds, grad_sq = self._directions(groups, self.state.__getitem__)
-            measured, blocks = self._measure(params, ds, grad_sq, self.measures(t))
+            if forms is None:
+                forms = self._query(params, ds, sets)
+            measured, blocks = self._measurement(params, ds, grad_sq, forms)
             proposals, policy_states = self._propose(measured)
             alphas, per_param, shrinks, rule = self._step_sizes(groups, measured, proposals[0], blocks)
             record = self._record(t, measured, proposals, alphas, rule)
             self._apply(groups, ds, per_param, shrinks)
         except BaseException:
-            _restore(self.state, saved)
+            if saved is not None:
+                _restore(self.state, saved)
             raise
         finally:
             self._curvature.release(params)
         self._commit(t, params, ds, policy_states, alphas, record)
         return loss
 
-    def _measure(
-        self, params: list[Tensor], ds: list[Tensor], grad_sq: Tensor, measure: bool
+    def _checks(self, step: int) -> bool:
+        """Whether step ``step`` needs the curvature's products (or recorded forwards) to be ready:
+        on every measuring step, a lagged policy's first one included, so that a loop that lacks
+        them fails on its first step."""
+        return self.measures(step) and (bool(self._queried(step)) or self._lagged)
+
+    def _queried(self, step: int) -> tuple[str, ...]:
+        """Along which directions step ``step`` queries the curvature: ``"current"`` (d_t: observe
+        mode, per_block, or a policy such as Greedy that needs it) and ``"previous"`` (d_{t-1}, kept
+        from the step before, for a lagged policy); none on a step that does not measure."""
+        if not self.measures(step):
+            return ()
+        current = ("current",) if self.mode == "observe" or self.per_block or self.policy.current else ()
+        return current + (("previous",) if self._previous else ())
+
+    def _query(self, params: list[Tensor], ds: list[Tensor], sets: tuple[str, ...]) -> dict[str, Tensor]:
+        """dᵀCd along each queried direction (and per block with per_block): one curvature query,
+        one all-reduce under DDP."""
+        if not sets:
+            return {}
+        directions = {"current": ds, "previous": [self._previous.get(p) for p in params]}
+        if any(d is None for d in directions["previous"]) and "previous" in sets:
+            sets = tuple(s for s in sets if s != "previous")  # a parameter without d_{t-1}: no lagged test
+            if not sets:
+                return {}
+        terms = self._curvature.forms_along(params, [directions[name] for name in sets])
+        if self.per_block:
+            blocks = terms[0] if self._curvature.block_diagonal else self._curvature.block_forms(params, ds)
+            terms, sets = [*terms, blocks], (*sets, "blocks")
+        device = params[0].device
+        values = self._average_over_ranks(stack_on([v for ts in terms for v in ts], device))
+        parts = values.split([len(ts) for ts in terms])
+        return {name: part if name == "blocks" else part.sum() for name, part in zip(sets, parts)}
+
+    def _measurement(
+        self, params: list[Tensor], ds: list[Tensor], grad_sq: Tensor, forms: dict[str, Tensor]
     ) -> tuple[Measurement, tuple[Tensor, Tensor] | None]:
-        """dᵀg along the current direction and, on a measuring step, the curvature along it and
-        along the previous direction (one curvature query, one all-reduce under DDP)."""
+        """What the policies are given: dᵀg, the forms queried, the lagged slope and step size."""
         device = grad_sq.device
         block_dg = stack_on([dot(d, p.grad) for d, p in zip(ds, params)], device)
-        previous = [self._previous.get(p) for p in params]
-        lagged = measure and self._previous_alpha is not None and all(v is not None for v in previous)
         nan = torch.full_like(grad_sq, math.nan)
-        if not measure:
-            return Measurement(block_dg.sum(), nan, grad_sq, nan, nan, nan, False, False), None
-        sets = self._curvature.forms_along(params, [ds, previous] if lagged else [ds])
-        blocks: list[Tensor] = []
-        if self.per_block:
-            blocks = sets[0] if self._curvature.block_diagonal else self._curvature.block_forms(params, ds)
-        sizes = [len(terms) for terms in sets]
-        values = self._average_over_ranks(stack_on([v for terms in sets for v in terms] + blocks, device))
-        parts = values.split([*sizes, len(blocks)])
-        dcd = parts[0].sum()
-        slope, lagged_dcd, previous_alpha = nan, nan, nan
+        lagged = "previous" in forms
+        slope, previous_alpha = nan, nan
         if lagged:
+            previous = [self._previous[p] for p in params]
             slope = stack_on([dot(v, p.grad) for v, p in zip(previous, params)], device).sum()
-            lagged_dcd, previous_alpha = parts[1].sum(), self._previous_alpha
-        measured = Measurement(block_dg.sum(), dcd, grad_sq, slope, lagged_dcd, previous_alpha, True, lagged)
-        return measured, (block_dg, parts[-1]) if blocks else None
+            previous_alpha = self._previous_alpha if self._previous_alpha is not None else nan
+        measured = Measurement(
+            block_dg.sum(),
+            forms.get("current", nan),
+            grad_sq,
+            slope,
+            forms.get("previous", nan),
+            previous_alpha,
+            "current" in forms,
+            lagged,
+        )
+        return measured, (block_dg, forms["blocks"]) if "blocks" in forms else None
 
     def _propose(self, measured: Measurement) -> tuple[list[Proposal], list[PolicyState]]:
         """Every policy's proposal and new state (committed only once the step has succeeded)."""
@@ -256,8 +298,9 @@ class QuadraticLineSearch(Optimizer):
     ) -> StepRecord:
         """The step's record: alpha*, the alphas used, dᵀg, dᵀCd, why, and each policy's proposal."""
         status = rule.status
-        if not measured.measured:
-            status = torch.where(rule.skip, rule.status, RECORD_CODE["not-measured"])
+        if not measured.measured:  # only the verdicts that need no curvature stand
+            known = rule.status <= RECORD_CODE["zero-gradient"]
+            status = torch.where(known, rule.status, RECORD_CODE["not-measured"])
         return StepRecord.make(
             t,
             rule.alpha_star,
@@ -266,7 +309,7 @@ class QuadraticLineSearch(Optimizer):
             measured.dcd,
             status,
             policy_status=torch.where(rule.skip, rule.status, proposals[0].status),
-            measured=measured.measured,
+            measured=measured.measured or measured.lagged,
             slope=measured.slope,
             lagged_dHd=measured.lagged_dcd,
             proposals={p.name: tuple(prop[:3]) for p, prop in zip(self._policies, proposals)},

@@ -116,8 +116,8 @@ class Measurement(NamedTuple):
     slope: Tensor
     lagged_dcd: Tensor
     previous_alpha: Tensor
-    measured: bool  #: the curvature was queried on this step
-    lagged: bool  #: ... and along the previous direction too
+    measured: bool  #: the curvature along the current direction was queried on this step
+    lagged: bool  #: the curvature along the previous direction was
 
 
 class Proposal(NamedTuple):
@@ -139,11 +139,13 @@ class StepSizePolicy(abc.ABC):
 
     Attributes:
         name: the name :func:`make_policy` knows it by (also the prefix of its record columns).
+        current: whether it needs the curvature along the current direction.
         lagged: whether it needs the curvature along the previous direction.
         alpha_min, alpha_max: the clipping range of the alpha it proposes.
     """
 
     name: str
+    current: bool = True
     lagged: bool = False
 
     def __init__(self, alpha_min: float = 0.0, alpha_max: float = 0.1) -> None:
@@ -235,6 +237,7 @@ class Lagged(StepSizePolicy):
     """
 
     name = "lagged"
+    current = False
     lagged = True
 
     def __init__(self, beta: float = 0.99, alpha_min: float = 0.0, alpha_max: float = 0.1) -> None:

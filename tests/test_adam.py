@@ -189,7 +189,7 @@ def linear_problem(bias: bool, seed: int = 0):
 def test_exact_quadratic_alpha_star_is_closed_form_and_true_minimiser(bias: bool, curvature: str, mode: str) -> None:
     model, x, y = linear_problem(bias)
     loss_fn = extend(nn.MSELoss())
-    opt = QuadraticLineSearchAdam(model.parameters(), lr=1e-2, curvature=curvature, mode=mode, alpha_max=float("inf"))
+    opt = QuadraticLineSearchAdam(model.parameters(), lr=1e-2, curvature=curvature, mode=mode, step_size="greedy", alpha_max=float("inf"))
     for _ in range(3):
         theta0 = [p.detach().clone() for p in model.parameters()]
         backpack_step(model, loss_fn, opt, x, y)

@@ -320,7 +320,7 @@ def test_extension_is_backpacks_and_users_products_work(name: str, cls: type) ->
     torch.manual_seed(0)
     model = extend(mlp(nn.Tanh).double())
     x, y, loss_fn = batch((6, 5), "ce", 3, torch.float64)
-    opt = QuadraticLineSearchAdam(model.parameters(), curvature=name)
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", curvature=name)
     ext = opt.extension()
     assert isinstance(ext, cls)
     with backpack(ext):
@@ -511,15 +511,17 @@ def test_overhead_benchmark_writes_its_table(tmp_path) -> None:  # noqa: ANN001
 
     overhead.main(
         ["--depths", "2", "--no-cnn", "--rounds", "2", "--steps", "1", "--warmup", "0",
-         "--memory-steps", "1", "--threads", "1", "--clock", "cpu", "--out", str(tmp_path)]
+         "--memory-steps", "1", "--threads", "1", "--clock", "cpu", "--policies", "lagged@2",
+         "--out", str(tmp_path)]
     )  # fmt: skip
     rows = list(csv.DictReader(open(tmp_path / "overhead.csv", encoding="utf-8")))
     assert tuple(rows[0]) == overhead.COLUMNS
     assert [r["optimizer"] for r in rows] == ["adam", "adam-fused"] + ["quadstep"] * len(quadstep.CURVATURES)
     assert [r["curvature"] for r in rows[2:]] == list(quadstep.CURVATURES)
+    assert [r["policy"] for r in rows] == ["", ""] + ["lagged@2"] * len(quadstep.CURVATURES)
     assert rows[0]["time_ratio_median"] == "1.000" and rows[0]["peak_ratio"] == "1.000"
     for r in rows:
-        for column in overhead.COLUMNS[3:]:
+        for column in overhead.COLUMNS[4:]:
             assert math.isfinite(float(r[column])) and float(r[column]) > 0
     assert (tmp_path / "overhead.md").read_text().count("| mlp-depth2 |") == len(rows)
     assert (tmp_path / "overhead_metadata.json").exists()

@@ -142,7 +142,11 @@ def test_each_optimizer_entry_runs(sub: Submission) -> None:
     assert all(math.isfinite(r["loss"]) for r in result.log)
     if sub.is_quadstep:
         assert all(r["status"] in report.DEFINED or r["status"] for r in result.log)
-        assert all(math.isfinite(r[k]) for r in result.log for k in ("alpha", "dg", "dHd"))
+        assert all(math.isfinite(r[k]) for r in result.log for k in ("alpha", "dg"))
+        # the curvature along d_t (greedy, observe) or d_{t-1} (lagged, from step 2), on measuring steps
+        key = "lagged_dHd" if sub.mode == "scale" and sub.step_size == "lagged" else "dHd"
+        measuring = [r for r in result.log if (r["step"] - 1) % sub.every == 0 and (key == "dHd" or r["step"] > 1)]
+        assert all(math.isfinite(r[key]) for r in measuring)
         assert 0.0 <= result.row["alpha_star_defined"] <= 1.0
 
 
@@ -226,7 +230,11 @@ def test_cli_writes_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         log = _read_csv(out / "logs" / f"{workload}.csv")
         assert set(runner.LOG_COLUMNS) == set(log[0])
         quad = [r for r in log if "quadstep" in r["run_id"]]
-        assert quad and all(math.isfinite(float(r[k])) for r in quad for k in ("loss", "alpha", "dg", "dHd"))
+        assert quad and all(math.isfinite(float(r[k])) for r in quad for k in ("loss", "alpha", "dg"))
+        greedy = [r for r in quad if "_lagged" not in r["run_id"] and "_scale_" in r["run_id"] or "_observe_" in r["run_id"]]
+        assert greedy and all(math.isfinite(float(r["dHd"])) for r in greedy)
+        lagged = [r for r in quad if r["run_id"].endswith(("_lagged__s0", "_lagged__s1")) and int(r["step"]) > 1]
+        assert lagged and all(math.isfinite(float(r["lagged_dHd"])) for r in lagged)
 
     text = (out / "metadata.json").read_text()
     meta = json.loads(text)

@@ -123,7 +123,7 @@ def test_non_finite_gradient_leaves_parameters_and_moments_untouched(
     bad: float, mode: str, adam_kernel: str
 ) -> None:
     model, loss_fn = model_and_loss()
-    opt = QuadraticLineSearchAdam(model.parameters(), mode=mode, weight_decay=0.1)
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", mode=mode, weight_decay=0.1)
     backward(model, loss_fn, opt)
     opt.step()  # a regular step first, so that moments are non-zero
     backward(model, loss_fn, opt)
@@ -172,7 +172,7 @@ def patch_curvature(model: nn.Module, value: float) -> None:
 )
 def test_undefined_alpha_star_falls_back_to_lr(curvature_value: float, status: str) -> None:
     model, loss_fn = model_and_loss()
-    opt = QuadraticLineSearchAdam(model.parameters(), lr=0.01)
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", lr=0.01)
     backward(model, loss_fn, opt)
     patch_curvature(model, curvature_value)
     before = snapshot(model)
@@ -201,7 +201,7 @@ def test_not_descent_direction_falls_back_to_lr() -> None:
 
 def test_zero_gradient_falls_back_to_lr() -> None:
     model, loss_fn = model_and_loss()
-    opt = QuadraticLineSearchAdam(model.parameters(), lr=0.01)
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", lr=0.01)
     backward(model, loss_fn, opt)
     for p in model.parameters():
         p.grad.zero_()

@@ -362,7 +362,7 @@ def test_gradient_accumulation_and_loss_scaling() -> None:
     for split in (False, True):
         model = _model("residual")
         loss_fn = nn.CrossEntropyLoss()
-        opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
+        opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", curvature="ggn-exact", model=model, loss_fn=loss_fn)
         if split:
             for xs, ys in ((x[:4], y[:4]), (x[4:], y[4:])):
                 (loss_fn(model(xs), ys) / 2).backward()
@@ -381,7 +381,7 @@ def test_reduction_none_and_ignore_index() -> None:
     for reduction in ("mean", "none"):
         model = _model("tanh")
         loss_fn = nn.CrossEntropyLoss(reduction=reduction)
-        opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
+        opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", curvature="ggn-exact", model=model, loss_fn=loss_fn)
         loss = loss_fn(model(x), y)
         (loss if reduction == "mean" else loss.sum() / 7).backward()
         d = _first_direction(model)

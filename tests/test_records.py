@@ -55,7 +55,7 @@ def test_bounded_history_keeps_the_last_records() -> None:
 def test_csv_export_round_trips(tmp_path) -> None:
     torch.manual_seed(0)
     model, loss_fn = extend(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))), extend(nn.MSELoss())
-    opt = QuadraticLineSearchAdam(model.parameters(), history_size=4)
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", history_size=4)
     x, y = torch.randn(16, 3), torch.randn(16, 1)
     for _ in range(6):
         opt.zero_grad()
