@@ -430,3 +430,29 @@ def test_g_is_the_gradient_the_optimizer_was_given(peer: str) -> None:
         assert any(not torch.equal(p.grad, gp) for p, gp in zip(model.parameters(), g))  # changed in place
         sg = sum(float(((p - b) * gp).sum()) for p, b, gp in zip(model.parameters(), before, g))
         assert float(probe.history[-1].dg) == pytest.approx(sg, rel=1e-10)
+
+
+@pytest.mark.parametrize("curvature", EXACT_CURVATURES)
+def test_a_probe_around_a_quadstep_optimizer_with_the_same_exact_curvature(curvature: str) -> None:
+    """Two exact curvatures watch one model: neither records the other's re-runs of the model and
+    loss. The optimizer's records are those it has alone; the probe's are α*_opt / lr."""
+    lr = 0.05
+    model, alone = _tanh_net(), _tanh_net()
+    loss_fn, alone_loss = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+    kwargs = {"lr": lr, "mode": "observe", "curvature": curvature}
+    opt = QuadraticLineSearchAdam(model.parameters(), **kwargs, model=model, loss_fn=loss_fn)
+    reference = QuadraticLineSearchAdam(alone.parameters(), **kwargs, model=alone, loss_fn=alone_loss)
+    probe = StepProbe(opt, curvature, model=model, loss_fn=loss_fn)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x, y = torch.randn(16, 3, generator=gen, dtype=DTYPE), torch.randint(0, 2, (16,), generator=gen)
+        opt.zero_grad()
+        reference.zero_grad()
+        loss_fn(model(x), y).backward()
+        probe.step()
+        alone_loss(alone(x), y).backward()
+        reference.step()
+        torch.testing.assert_close(opt.history[-1].values, reference.history[-1].values, rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            probe.history[-1].alpha_star, reference.history[-1].alpha_star / lr, rtol=1e-10, atol=0
+        )
