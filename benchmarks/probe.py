@@ -6,13 +6,15 @@ which records, for every step :math:`s`, :math:`\alpha^* = -s^\top g / s^\top C 
 step started from: 1 means the step landed on the minimum of the mini-batch quadratic model along
 it, above 1 that it stopped short, below 1 that it went past (below 0: it went uphill on the batch).
 
-Writes into ``--out``: ``steps.csv`` (one row per step of every run), ``summary.md`` (per workload
-and peer: median α*, the share of steps past the minimum) and ``probe.png`` (α* over the steps).
+Writes into ``--out``: ``steps.csv`` (one row per step of every run), ``runs.csv`` (one per run),
+``metadata.json``, and from those files ``summary.md`` (per workload and peer: median α*, the share of
+steps past the minimum) and ``probe.png`` (α* over the steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -38,6 +40,8 @@ log = logging.getLogger("benchmarks")
 STEP_COLUMNS = (
     "workload", "optimizer", "label", "lr", "seed", "step", "loss", "alpha_star", "dg", "dHd", "status"
 )  # fmt: skip
+#: Columns of runs.csv, one row per run.
+RUN_COLUMNS = ("workload", "optimizer", "label", "lr", "seed", "final_train_loss", "seconds_per_step")
 #: The reference run whose best fixed lrs Adam and SGD are probed at.
 REFERENCE = REPO_ROOT / "benchmarks" / "reference" / "results.csv"
 #: lr of SGD where the reference has no run of the workload.
@@ -160,12 +164,12 @@ def summarize(runs: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[d
 
 
 def summary_markdown(table: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    config = meta["config"]
     lines = [
         "# α* along the peers' steps",
         "",
-        f"`python -m benchmarks probe{' --full' if meta['config']['size'] == 'full' else ''}` "
-        f"(size `{meta['config']['size']}`, curvature `{meta['config']['curvature']}`, seeds "
-        f"{', '.join(map(str, meta['config']['seeds']))}; commit {meta['git_commit']}, "
+        f"`{config['command']}` (size `{config['size']}`, curvature `{config['curvature']}`, seeds "
+        f"{', '.join(map(str, config['seeds']))}; commit {meta['git_commit']}, "
         f"{meta['wall_seconds']} s). α* = −sᵀg / sᵀCs along each step s at the point it started from: "
         "1 = the step landed on the minimum of the batch's quadratic model along it, > 1 = short of it, "
         "< 1 = past it, < 0 = uphill on the batch. Median and shares over the steps (all seeds) where "
@@ -217,11 +221,16 @@ def plot(steps: list[dict[str, Any]], labels: list[str], path: Path) -> Path:
         ax.set_title(workload, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("α* (1 = on the minimum)")
-    for ax in list(axes.flat)[len(workloads) :]:
-        ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.09 / rows, 1, 1))
+    spare = list(axes.flat)[len(workloads) :]
+    for ax in spare:
+        ax.axis("off")
+    if spare:
+        spare[0].legend(handles, names, loc="center", fontsize=9, frameon=False)
+        fig.tight_layout()
+    else:
+        fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.15 / rows, 1, 1))
     return report._save(fig, path)
 
 
@@ -275,7 +284,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(list(argv or []))
+    argv = list(argv or [])
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     workloads = all_workloads()
     names = args.workloads or [n for n, w in workloads.items() if w.quick or args.size == "full"]
@@ -286,11 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    meta = metadata(size=args.size, seeds=args.seeds, steps=args.steps, curvature=args.curvature)
-    sink = _CsvSink(out / "steps.csv", STEP_COLUMNS)
-    runs: list[dict[str, Any]] = []
-    steps: list[dict[str, Any]] = []
-    labels: list[str] = []
+    command = " ".join(["python -m benchmarks probe", *argv])
+    meta = metadata(
+        command=command, size=args.size, seeds=args.seeds, steps=args.steps, curvature=args.curvature
+    )
+    sink, run_sink = _CsvSink(out / "steps.csv", STEP_COLUMNS), _CsvSink(out / "runs.csv", RUN_COLUMNS)
+    ran = 0
     started = time.perf_counter()
     for name in names:
         workload = workloads[name]
@@ -305,21 +316,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             "steps": n_steps, "batch_size": workload.batch_size, "n_train": len(data.x_train)
         }  # fmt: skip
         for sub in peers(name, reference):
-            labels += [name_of(sub)] if name_of(sub) not in labels else []
             for seed in args.seeds:
                 summary, rows = probe_run(workload, data, sub, seed, n_steps, args.curvature)
                 ms = 1e3 * summary["seconds_per_step"]
                 log.info("%s / %s / seed %d: %.1f ms per step", name, sub.label, seed, ms)
                 sink.write(rows)
-                runs.append(summary)
-                steps += rows
+                run_sink.write([summary])
+                ran += 1
     sink.close()
-    if not runs:
+    run_sink.close()
+    if not ran:
         log.error("nothing ran (no workload had its data)")
         return 1
     meta["wall_seconds"] = round(time.perf_counter() - started, 1)
     (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(summarize(runs, steps), meta))
-    plot(steps, labels, out / "probe.png")
+    write_report(out)
     log.info("wrote %s, %s and %s", out / "steps.csv", out / "summary.md", out / "probe.png")
     return 0
+
+
+def write_report(out: Path) -> None:
+    """summary.md and probe.png from the files of a run in ``out`` (steps.csv, runs.csv, metadata.json)."""
+    with (out / "steps.csv").open(newline="") as f:
+        steps = [{**r, "seed": int(r["seed"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
+    with (out / "runs.csv").open(newline="") as f:
+        runs = [{**r, "final_train_loss": float(r["final_train_loss"])} for r in csv.DictReader(f)]
+    meta = json.loads((out / "metadata.json").read_text())
+    (out / "summary.md").write_text(summary_markdown(summarize(runs, steps), meta))
+    plot(steps, list(dict.fromkeys(r["label"] for r in runs)), out / "probe.png")

@@ -294,8 +294,8 @@ def test_probe_summary_by_hand() -> None:
     from benchmarks.probe import summarize
 
     def step(seed: int, alpha: float, dhd: float = 1.0) -> dict[str, object]:
-        return {"workload": "w", "label": "SGD", "lr": 0.1, "seed": seed, "alpha_star": alpha, "dg": -alpha * dhd,
-                "dHd": dhd}  # fmt: skip
+        row = {"workload": "w", "label": "SGD", "lr": 0.1, "seed": seed}
+        return {**row, "alpha_star": alpha, "dg": -alpha * dhd, "dHd": dhd}
 
     steps = [step(0, 0.5), step(0, 2.0), step(0, -1.0), step(1, 4.0), step(1, 3.0), step(1, 9.0, dhd=-1.0)]
     runs = [{"workload": "w", "label": "SGD", "final_train_loss": v} for v in (1.0, 3.0)]
@@ -309,6 +309,8 @@ def test_probe_summary_by_hand() -> None:
 
 
 def test_probe_subcommand_writes_steps_table_and_plot(tmp_path: Path) -> None:
+    from benchmarks.probe import write_report
+
     out = tmp_path / "probe"
     assert main(["probe", "--tiny", "--workloads", "quadratic", "--seeds", "0", "--out", str(out)]) == 0
     with (out / "steps.csv").open(newline="") as f:
@@ -324,6 +326,10 @@ def test_probe_subcommand_writes_steps_table_and_plot(tmp_path: Path) -> None:
         assert float(r["alpha_star"]) == pytest.approx(-float(r["dg"]) / float(r["dHd"]), rel=1e-6)
     table = (out / "summary.md").read_text()
     assert all(f"| quadratic | {label} |" in table for label in labels)
+    assert "`python -m benchmarks probe --tiny --workloads quadratic --seeds 0 --out" in table
     assert (out / "probe.png").stat().st_size > 10_000
+    (out / "summary.md").unlink()
+    write_report(out)  # the table again, from the run's files alone
+    assert (out / "summary.md").read_text() == table
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["config"]["curvature"] == "ggn-exact" and meta["workloads"]["quadratic"]["steps"] == steps
