@@ -268,17 +268,32 @@ def test_step_probe_reads_no_tensor_value_on_the_host(curvature: str, closure: b
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("curvature", ["ggn", "ggn-exact", "hessian-exact"])
+def test_cuda_step_probe_issues_no_host_sync(curvature: str) -> None:
+    model, loss_fn = extend(mlp("cuda")), extend(nn.CrossEntropyLoss())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    exact = {"model": model, "loss_fn": loss_fn} if curvature.endswith("-exact") else {}
+    probe = StepProbe(opt, curvature, **exact)
+    probed = _Probed(opt, probe, lambda: sync_mode("default", "error"))
+    guards = (lambda: sync_mode("error", "default"), lambda: sync_mode("default", "error"))
+    run_steps(probed, model, loss_fn, *guards, nan_step=4, zero_step=3)  # type: ignore[arg-type]
+    assert [rec.status for rec in probe.history][2:] == ["zero-gradient", "non-finite-gradient"]
+
+
+@contextlib.contextmanager
+def sync_mode(mode: str, restore: str) -> Iterator[None]:
+    """``torch.cuda.set_sync_debug_mode(mode)`` inside, ``restore`` after."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(restore)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
 @pytest.mark.parametrize(("optimizer", "mode", "curvature", "closure"), SYNC_CASES)
 def test_cuda_step_issues_no_host_sync(optimizer: str, mode: str, curvature: str, closure: bool) -> None:
-    @contextlib.contextmanager
-    def sync_mode(mode: str, restore: str) -> Iterator[None]:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode(mode)
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode(restore)
-
     model, loss_fn = extend(mlp("cuda")), extend(nn.CrossEntropyLoss())
     opt = make_optimizer(optimizer, model, loss_fn, curvature, mode)
     trajectory = run_steps(
