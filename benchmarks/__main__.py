@@ -1,7 +1,8 @@
 """Command line: ``python -m benchmarks [--quick | --full] [options]``, or ``... SUBCOMMAND``.
 
 Subcommands: ``report`` (summary.md and plots from a run's files), ``overhead`` (time and memory
-of each curvature option against Adam), ``memory``; each takes its own ``--help``.
+of each curvature option against Adam), ``memory``, ``probe`` (α* along the peers' steps, by
+:class:`quadstep.StepProbe`); each takes its own ``--help``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "report": "benchmarks.report",
     "overhead": "benchmarks.overhead",
     "memory": "benchmarks.memory",
+    "probe": "benchmarks.probe",
 }
 
 

@@ -7,10 +7,12 @@ The pieces, each in one place:
 - :mod:`quadstep.stepsize`: how far to go (alpha* = -dᵀg / dᵀCd, clipping, fallbacks).
 - :mod:`quadstep.records`: what each step did and why.
 - :mod:`quadstep.optimizer`: the ``torch.optim.Optimizer`` that joins them.
+- :mod:`quadstep.probe`: alpha* along the steps of any other optimizer.
 """
 
 from .curvature import CURVATURES
 from .optimizer import MODES, QuadraticLineSearch, QuadraticLineSearchAdam, QuadraticLineSearchSGD
+from .probe import StepProbe
 from .records import History, StepRecord
 from .stepsize import STATUSES
 
@@ -24,5 +26,6 @@ __all__ = [
     "QuadraticLineSearch",
     "QuadraticLineSearchAdam",
     "QuadraticLineSearchSGD",
+    "StepProbe",
     "StepRecord",
 ]

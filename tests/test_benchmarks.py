@@ -293,3 +293,51 @@ def test_best_lr_ignores_diverged_configs() -> None:
     ]
     assert report.best_lr(rows, "adam") == 1e-4 + 0  # 1e-2 has a diverged seed; mean 0.575 < 0.6
     assert report.mean_std([1.0, 3.0, None, math.nan]) == (2.0, math.sqrt(2.0), 2)
+
+
+# ---------------------------------------------------------------- probe subcommand
+
+
+def test_probe_summary_by_hand() -> None:
+    from benchmarks.probe import summarize
+
+    def step(seed: int, alpha: float, dhd: float = 1.0) -> dict[str, object]:
+        row = {"workload": "w", "label": "SGD", "lr": 0.1, "seed": seed}
+        return {**row, "alpha_star": alpha, "dg": -alpha * dhd, "dHd": dhd}
+
+    steps = [step(0, 0.5), step(0, 2.0), step(0, -1.0), step(1, 4.0), step(1, 3.0), step(1, 9.0, dhd=-1.0)]
+    runs = [{"workload": "w", "label": "SGD", "final_train_loss": v} for v in (1.0, 3.0)]
+    (row,) = summarize(runs, steps)
+    # steps with a minimum (sᵀCs > 0): 0.5, 2, -1 (seed 0) and 4, 3 (seed 1); median 2
+    assert row["alpha_star_median"] == 2.0
+    assert row["seed_medians"] == (0.5, 3.5)
+    assert row["past_minimum"] == pytest.approx(2 / 5) and row["uphill"] == pytest.approx(1 / 5)
+    assert row["no_minimum"] == pytest.approx(1 / 6)
+    assert row["final_train_loss"] == 2.0 and row["lr"] == 0.1 and row["steps"] == 6
+
+
+def test_probe_subcommand_writes_steps_table_and_plot(tmp_path: Path) -> None:
+    from benchmarks.probe import write_report
+
+    out = tmp_path / "probe"
+    assert main(["probe", "--tiny", "--workloads", "quadratic", "--seeds", "0", "--out", str(out)]) == 0
+    with (out / "steps.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = ["Adam", "SGD", "Prodigy", "D-Adapt Adam", "Schedule-Free AdamW"]
+    steps = WORKLOADS["quadratic"].steps["tiny"]
+    assert [r["label"] for r in rows] == [label for label in labels for _ in range(steps)]
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1)) * len(labels)
+    sgd = [r for r in rows if r["label"] == "SGD"]
+    # SGD steps s = -lr·g: sᵀg = -lr·gᵀg < 0 and α* = -sᵀg / sᵀCs
+    assert all(float(r["dg"]) < 0 for r in sgd)
+    for r in sgd:
+        assert float(r["alpha_star"]) == pytest.approx(-float(r["dg"]) / float(r["dHd"]), rel=1e-6)
+    table = (out / "summary.md").read_text()
+    assert all(f"| quadratic | {label} |" in table for label in labels)
+    assert "`python -m benchmarks probe --tiny --workloads quadratic --seeds 0 --out" in table
+    assert (out / "probe.png").stat().st_size > 10_000
+    (out / "summary.md").unlink()
+    write_report(out)  # the table again, from the run's files alone
+    assert (out / "summary.md").read_text() == table
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["config"]["curvature"] == "ggn-exact" and meta["workloads"]["quadratic"]["steps"] == steps

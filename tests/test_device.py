@@ -8,6 +8,7 @@
   and the exact ones), the fallbacks and the record must get by with tensor ops. A closure
   passed to ``step()`` is the user's forward and backward, and may read (BackPACK's
   backward checks once, with ``.item()``, that the loss was not modified).
+  ``StepProbe.step()`` is held to the same, except for the wrapped optimizer's own ``step()``.
 - On CUDA (skipped here when no GPU is present), ``torch.cuda.set_sync_debug_mode("error")``
   around ``step()`` proves the same at the driver level, C++ syncs included.
 - bf16/fp16 parameters: dᵀg and dᵀCd are accumulated and recorded in float32 and
@@ -33,7 +34,7 @@ from backpack import backpack, extend
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from quadstep import QuadraticLineSearchAdam, QuadraticLineSearchSGD
+from quadstep import QuadraticLineSearchAdam, QuadraticLineSearchSGD, StepProbe
 from quadstep.curvature._common import dot
 
 CUDA = torch.cuda.is_available()
@@ -223,18 +224,76 @@ def test_step_reads_no_tensor_value_on_the_host(
         assert all(torch.isfinite(t).all() for t in trajectory)
 
 
+class _Probed:
+    """A torch.optim optimizer under a StepProbe, driven as :func:`run_steps` drives an optimizer; the
+    wrapped optimizer's own ``step()`` (torch's Adam reads its step count on the host) runs under
+    ``suspend()``: only the probe's work is guarded."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        probe: StepProbe,
+        suspend: Callable[[], contextlib.AbstractContextManager],
+    ) -> None:
+        step = optimizer.step
+
+        def suspended(closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+            with suspend():
+                return step(closure)
+
+        optimizer.step = suspended  # type: ignore[method-assign]
+        self.probe, self.curvature, self.zero_grad = probe, probe.curvature, optimizer.zero_grad
+
+    def extension(self):  # noqa: ANN201
+        return self.probe.extension()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        return self.probe.step(closure)
+
+
+@pytest.mark.parametrize(
+    ("curvature", "closure"),
+    [("hessian", False), ("ggn", True), ("pch-abs", False), ("ggn-exact", False), ("hessian-exact", True)],
+)
+def test_step_probe_reads_no_tensor_value_on_the_host(curvature: str, closure: bool) -> None:
+    model, loss_fn = extend(mlp()), extend(nn.CrossEntropyLoss())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    exact = {"model": model, "loss_fn": loss_fn} if curvature.endswith("-exact") else {}
+    probe = StepProbe(opt, curvature, **exact)
+    probed = _Probed(opt, probe, host_reads_allowed)
+    guards = (no_host_reads, host_reads_allowed)
+    run_steps(probed, model, loss_fn, *guards, nan_step=4, zero_step=3, closure=closure)  # type: ignore[arg-type]
+    statuses = [rec.status for rec in probe.history]  # read after the guarded steps
+    assert statuses[:2] == ["ok", "ok"] and statuses[2:] == ["zero-gradient", "non-finite-gradient"]
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("curvature", ["ggn", "ggn-exact", "hessian-exact"])
+def test_cuda_step_probe_issues_no_host_sync(curvature: str) -> None:
+    model, loss_fn = extend(mlp("cuda")), extend(nn.CrossEntropyLoss())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    exact = {"model": model, "loss_fn": loss_fn} if curvature.endswith("-exact") else {}
+    probe = StepProbe(opt, curvature, **exact)
+    probed = _Probed(opt, probe, lambda: sync_mode("default", "error"))
+    guards = (lambda: sync_mode("error", "default"), lambda: sync_mode("default", "error"))
+    run_steps(probed, model, loss_fn, *guards, nan_step=4, zero_step=3)  # type: ignore[arg-type]
+    assert [rec.status for rec in probe.history][2:] == ["zero-gradient", "non-finite-gradient"]
+
+
+@contextlib.contextmanager
+def sync_mode(mode: str, restore: str) -> Iterator[None]:
+    """``torch.cuda.set_sync_debug_mode(mode)`` inside, ``restore`` after."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(restore)
+
+
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)
 @pytest.mark.parametrize(("optimizer", "mode", "curvature", "closure"), SYNC_CASES)
 def test_cuda_step_issues_no_host_sync(optimizer: str, mode: str, curvature: str, closure: bool) -> None:
-    @contextlib.contextmanager
-    def sync_mode(mode: str, restore: str) -> Iterator[None]:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode(mode)
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode(restore)
-
     model, loss_fn = extend(mlp("cuda")), extend(nn.CrossEntropyLoss())
     opt = make_optimizer(optimizer, model, loss_fn, curvature, mode)
     trajectory = run_steps(

@@ -1,4 +1,4 @@
-"""Data parallel: DDP (gloo, CPU, 2 processes) + BackPACK + QuadraticLineSearchAdam.
+"""Data parallel: DDP (gloo, CPU, 2 processes) + BackPACK + QuadraticLineSearchAdam, and StepProbe.
 
 DDP averages gradients, so d and dᵀg agree across ranks; each rank's BackPACK
 curvature covers its local batch, and the optimizer averages dᵀCd over the ranks.
@@ -31,7 +31,7 @@ from backpack import backpack, extend
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from quadstep import QuadraticLineSearchAdam
+from quadstep import QuadraticLineSearchAdam, StepProbe
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -107,6 +107,39 @@ def train(name: str, rank: int, world: int) -> dict[str, Any]:
     return {"params": torch.stack(params), "records": records, "all_reduces": all_reduces}
 
 
+def train_probe(rank: int, world: int) -> dict[str, Any]:
+    """torch.optim.SGD with momentum under a StepProbe (BackPACK's Hessian) on this rank's half of
+    every batch (the whole batch if world=1): the records, the parameters and the all-reduces of
+    the probe's steps."""
+    inner = extend(make_model())
+    model = DDP(inner) if world > 1 else inner
+    loss_fn = extend(nn.CrossEntropyLoss())
+    probe = StepProbe(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "hessian")
+    half = BATCH // WORLD
+    start, stop = (rank * half, (rank + 1) * half) if world > 1 else (0, BATCH)
+    params, all_reduces = [], 0
+    all_reduce = dist.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal all_reduces
+        all_reduces += 1
+        return all_reduce(*args, **kwargs)
+
+    for x, y in make_batches():
+        probe.optimizer.zero_grad()
+        loss = loss_fn(model(x[start:stop]), y[start:stop])
+        with backpack(probe.extension()):
+            loss.backward()
+        dist.all_reduce = counted
+        try:
+            probe.step()
+        finally:
+            dist.all_reduce = all_reduce
+        params.append(torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()]))
+    records = [r.as_dict() for r in probe.history]
+    return {"params": torch.stack(params), "records": records, "all_reduces": all_reduces}
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -115,6 +148,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     )
     try:
         results = {name: train(name, rank, world) for name in CONFIGS}
+        results["probe"] = train_probe(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # Free DDP's reducers (held in reference cycles) while the interpreter is alive, then leave
         # together: gloo work destroyed at interpreter exit, or under a working peer, aborts a rank.
@@ -149,6 +183,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             single = {name: train(name, 0, 1) for name in CONFIGS}
+            single["probe"] = train_probe(0, 1)
     finally:
         torch.set_num_threads(threads)
     return {"ranks": ranks, "single": single}
@@ -205,6 +240,21 @@ def test_without_averaging_the_replicas_diverge(runs: dict[str, Any]) -> None:
     assert abs(local[0] - local[1]) > 1e-3 * abs(local).max()
     torch.testing.assert_close(local.mean(), torch.tensor(reference["dHd"], dtype=torch.float64), rtol=1e-4, atol=1e-7)
     assert not torch.allclose(r0["params"][-1], r1["params"][-1], rtol=1e-3, atol=1e-4)
+
+
+def test_step_probe_averages_the_curvature_over_ranks_in_one_all_reduce(runs: dict[str, Any]) -> None:
+    """Two ranks over the halves of every batch record what one process records over the whole batch."""
+    r0, r1 = (runs["ranks"][r]["probe"] for r in range(WORLD))
+    single = runs["single"]["probe"]
+    assert r0["records"] == r1["records"] and torch.equal(r0["params"], r1["params"])
+    assert r0["all_reduces"] == r1["all_reduces"] == STEPS and single["all_reduces"] == 0
+    torch.testing.assert_close(r0["params"], single["params"], rtol=1e-4, atol=5e-5)
+    for key in ("alpha_star", "dg", "dHd"):
+        torch.testing.assert_close(
+            record_column(r0["records"], key), record_column(single["records"], key), rtol=1e-3, atol=1e-6
+        )
+    assert [r["status"] for r in r0["records"]] == [r["status"] for r in single["records"]]
+    assert sum(r["status"] == "ok" for r in single["records"]) >= STEPS - 3
 
 
 def mean_of_means_reference(sizes: tuple[int, ...], eps: float) -> tuple[float, float]:

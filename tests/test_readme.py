@@ -31,3 +31,13 @@ def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     history = namespace["opt"].history
     assert len(history) == 100
     assert (tmp_path / "alpha.csv").read_text().count("\n") == 101
+
+
+def test_readme_step_probe_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    example = next(b for b in blocks if "StepProbe(" in b)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    history = namespace["probe"].history
+    assert len(history) == 100 and history.summary()["alpha_star_defined"] >= 90
+    assert "steps: 100" in capsys.readouterr().out

@@ -67,7 +67,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -157,6 +157,17 @@ class ExactCurvature:
     NAMES: tuple[str, ...] = ("ggn-exact", "hessian-exact")
     #: Its one term is the full dᵀCd; per-parameter values need block_forms.
     block_diagonal = False
+    #: True while any instance re-runs the model or the loss: no instance records those calls (a
+    #: StepProbe's curvature and its optimizer's may watch the same model).
+    _any_rerunning: ClassVar[bool] = False
+
+    @property
+    def _rerunning(self) -> bool:
+        return ExactCurvature._any_rerunning
+
+    @_rerunning.setter
+    def _rerunning(self, value: bool) -> None:
+        ExactCurvature._any_rerunning = value
 
     def __init__(self, name: str, model: nn.Module | None, loss_fn: nn.Module | None) -> None:
         if not isinstance(model, nn.Module) or not isinstance(loss_fn, nn.Module):
@@ -185,7 +196,6 @@ class ExactCurvature:
         self._active: _Forward | None = None
         self._last: _Forward | None = None
         self._calls: list[_LossCall] = []
-        self._rerunning = False
         self_ref = weakref.ref(self)  # hooks must not keep the optimizer alive
 
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
