@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+import quadstep
 from benchmarks import data as idx
-from benchmarks import report, runner
+from benchmarks import overhead, report, runner
 from benchmarks.__main__ import main
 from benchmarks.submissions import ADAM_LRS, Submission, submissions
 from benchmarks.workloads import DataUnavailable, all_workloads
@@ -140,10 +141,11 @@ def test_each_optimizer_entry_runs(sub: Submission) -> None:
     result = runner.train_run(workload, workload.load_data(0, "tiny"), sub, seed=0, steps=4)
     _finite_row(result.row)
     assert all(math.isfinite(r["loss"]) for r in result.log)
-    if sub.is_quadstep:
-        assert all(r["status"] in report.DEFINED or r["status"] for r in result.log)
+    if sub.is_quadstep:  # Q is positive definite and θ far from the optimum: α* exists at every step
+        assert all(r["dHd"] > 0 and r["dg"] < 0 for r in result.log)
+        assert all(r["status"] in report.DEFINED for r in result.log)
         assert all(math.isfinite(r[k]) for r in result.log for k in ("alpha", "dg", "dHd"))
-        assert 0.0 <= result.row["alpha_star_defined"] <= 1.0
+        assert result.row["alpha_star_defined"] == 1.0
 
 
 def test_submission_grid_covers_the_issue() -> None:
@@ -203,6 +205,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cli_writes_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_mnist(tmp_path / "idx")
     monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
@@ -285,3 +288,22 @@ def test_best_lr_ignores_diverged_configs() -> None:
     ]
     assert report.best_lr(rows, "adam") == 1e-4 + 0  # 1e-2 has a diverged seed; mean 0.575 < 0.6
     assert report.mean_std([1.0, 3.0, None, math.nan]) == (2.0, math.sqrt(2.0), 2)
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_writes_its_table(tmp_path: Path) -> None:
+    """``python -m benchmarks overhead`` on a tiny setting: one row per contender, finite ratios."""
+    overhead.main(
+        ["--depths", "2", "--no-cnn", "--rounds", "2", "--steps", "1", "--warmup", "0",
+         "--memory-steps", "1", "--threads", "1", "--clock", "cpu", "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "overhead.csv", encoding="utf-8")))
+    assert tuple(rows[0]) == overhead.COLUMNS
+    assert [r["optimizer"] for r in rows] == ["adam", "adam-fused"] + ["quadstep"] * len(quadstep.CURVATURES)
+    assert [r["curvature"] for r in rows[2:]] == list(quadstep.CURVATURES)
+    assert rows[0]["time_ratio_median"] == "1.000" and rows[0]["peak_ratio"] == "1.000"
+    for r in rows:
+        for column in overhead.COLUMNS[3:]:
+            assert math.isfinite(float(r[column])) and float(r[column]) > 0
+    assert (tmp_path / "overhead.md").read_text().count("| mlp-depth2 |") == len(rows)
+    assert (tmp_path / "overhead_metadata.json").exists()
