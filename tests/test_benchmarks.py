@@ -307,3 +307,31 @@ def test_overhead_benchmark_writes_its_table(tmp_path: Path) -> None:
             assert math.isfinite(float(r[column])) and float(r[column]) > 0
     assert (tmp_path / "overhead.md").read_text().count("| mlp-depth2 |") == len(rows)
     assert (tmp_path / "overhead_metadata.json").exists()
+
+
+def test_progress_bar_total_is_fixed_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar's total is known before the first run and never changes; it ends full, also for a
+    workload whose data is missing and for an observe-best stage that is not needed."""
+    import tqdm
+
+    seen: list[tuple[int, float]] = []
+
+    class Recording(tqdm.tqdm):
+        def update(self, n: float = 1) -> bool | None:
+            seen.append((self.total, self.n))
+            out = super().update(n)
+            seen.append((self.total, self.n))
+            return out
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    monkeypatch.setenv(idx.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    rows = runner.run(
+        [WORKLOADS["quadratic"], WORKLOADS["fmnist_mlp"], WORKLOADS["regression"]], "tiny", [0, 1],
+        tmp_path / "out", steps=2, optimizers=["adam", "quadstep_adam"], curvatures=["ggn-exact"],
+    )  # fmt: skip
+    totals = {total for total, _ in seen}
+    assert len(totals) == 1
+    (total,) = totals
+    assert seen[-1][1] == total > 0
+    assert 0 < len(rows) < total  # the missing workload's runs, and the stages not needed, were counted as done
