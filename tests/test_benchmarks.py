@@ -335,3 +335,43 @@ def test_progress_bar_total_is_fixed_up_front(tmp_path: Path, monkeypatch: pytes
     (total,) = totals
     assert seen[-1][1] == total > 0
     assert 0 < len(rows) < total  # the missing workload's runs, and the stages not needed, were counted as done
+
+
+def test_plots_keep_twelve_identical_curves_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twelve configurations with the very same curves: every line gets its own colour and marker."""
+    pytest.importorskip("matplotlib")
+    configs = [("adam", 1e-3, "", ""), ("adam", 1e-2, "", ""), ("sgd", 0.1, "", "")]
+    configs += [(peer, 1.0, "", "") for peer in report.PEERS]
+    configs += [("quadstep_adam", 1e-3, c, "scale") for c in quadstep.CURVATURES]
+    rows, logs = [], {}
+    for i, (name, lr, curvature, mode) in enumerate(configs):
+        rows.append({
+            "workload": "w", "optimizer": name, "lr": lr, "curvature": curvature, "mode": mode,
+            "label": f"{name} {lr} {curvature}", "run_id": str(i), "status": "ok",
+            "final_train_loss": 0.5 - 0.01 * (name == "adam" and lr == 1e-2), "alpha_median": 0.01,
+        })  # fmt: skip
+        logs[str(i)] = {"loss": [1.0 / (t + 1) for t in range(200)], "alpha_star": [0.01] * 200,
+                        "status": ["ok"] * 200}  # fmt: skip
+    figures = {}
+
+    def keep(fig, path: Path) -> Path:  # noqa: ANN001
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(report, "_save", keep)
+    report.plot_workload("w", rows, logs, tmp_path)
+    import matplotlib.pyplot as plt
+
+    for name, lines in [
+        ("loss_w.png", 12),
+        ("alpha_w.png", len(quadstep.CURVATURES)),
+    ]:
+        drawn = [line for line in figures[name].axes[0].get_lines() if not line.get_label().startswith("_")]
+        assert len(drawn) == lines
+        assert len({line.get_color() for line in drawn}) == lines
+        assert len({line.get_marker() for line in drawn}) == lines
+        assert len({str(line.get_markevery()) for line in drawn}) == lines  # markers don't sit on each other
+    sweep = [line for line in figures["lr_sweep_w.png"].axes[0].get_lines() if line.get_label()[0] != "_"]
+    assert len({line.get_color() for line in sweep}) == len(sweep)
+    for fig in figures.values():
+        plt.close(fig)
