@@ -6,8 +6,10 @@ import csv
 import gzip
 import json
 import math
+import os
 import socket
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -291,8 +293,9 @@ def test_best_lr_ignores_diverged_configs() -> None:
 
 
 @pytest.mark.slow
-def test_overhead_benchmark_writes_its_table(tmp_path: Path) -> None:
-    """``python -m benchmarks overhead`` on a tiny setting: one row per contender, finite ratios."""
+def test_overhead_benchmark_writes_its_table(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks overhead`` on a tiny setting: one row per contender, finite ratios, and
+    none of the profiler's start/stop lines on stderr."""
     overhead.main(
         ["--depths", "2", "--no-cnn", "--rounds", "2", "--steps", "1", "--warmup", "0",
          "--memory-steps", "1", "--threads", "1", "--clock", "cpu", "--out", str(tmp_path)]
@@ -307,6 +310,18 @@ def test_overhead_benchmark_writes_its_table(tmp_path: Path) -> None:
             assert math.isfinite(float(r[column])) and float(r[column]) > 0
     assert (tmp_path / "overhead.md").read_text().count("| mlp-depth2 |") == len(rows)
     assert (tmp_path / "overhead_metadata.json").exists()
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "ActivityProfiler" not in err
+
+
+def test_profiler_lines_dropped_and_everything_else_kept(capfd: pytest.CaptureFixture[str]) -> None:
+    with overhead._without_profiler_lines():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True):
+            torch.randn(3)
+        os.write(2, b"a line of our own\n")
+        print("via sys.stderr", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert sorted(err.splitlines()) == ["a line of our own", "via sys.stderr"]
 
 
 def test_progress_bar_total_is_fixed_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
