@@ -156,8 +156,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--curvature", choices=("ggn-exact", "hessian-exact"), default="ggn-exact",
                         help="quadstep's curvature along Adam's direction (default: ggn-exact)")
     parser.add_argument("--mode", choices=("scale", "observe"), default="scale",
-                        help="scale: step with alpha*; observe: Adam's steps, alpha* recorded (default: scale)")
-    parser.add_argument("--batch-size", type=int, default=64, help="input batch size for training (default: 64)")
+                        help="scale: step with alpha*; observe: Adam's steps, alpha* recorded "
+                             "(default: scale)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="input batch size for training (default: 64)")
     parser.add_argument("--test-batch-size", type=int, default=1000,
                         help="input batch size for testing (default: 1000)")
     parser.add_argument("--epochs", type=int, default=1, help="number of epochs to train (default: 1)")

@@ -349,7 +349,7 @@ def test_progress_bar_total_is_fixed_up_front(tmp_path: Path, monkeypatch: pytes
     assert len(totals) == 1
     (total,) = totals
     assert seen[-1][1] == total > 0
-    assert 0 < len(rows) < total  # the missing workload's runs, and the stages not needed, were counted as done
+    assert 0 < len(rows) < total  # the missing workload's runs and the stages not needed counted as done
 
 
 def test_plots_keep_twelve_identical_curves_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

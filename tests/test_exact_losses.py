@@ -57,7 +57,7 @@ NLL_CASES = [
 
 
 @pytest.mark.parametrize(
-    "kind,head,loss_fn", NLL_CASES, ids=[f"{k}-{h}-{f.reduction}-{f.weight is not None}" for k, h, f in NLL_CASES]
+    "kind,head,loss_fn", NLL_CASES, ids=[f"{k}-{h}-{f.reduction}-{f.weight is None}" for k, h, f in NLL_CASES]
 )
 def test_nll_loss_after_log_softmax_against_logit_ggn(kind: str, head: str, loss_fn: nn.NLLLoss) -> None:
     logits = _model(kind)
@@ -129,7 +129,9 @@ CE_WEIGHTED = [
 
 @pytest.mark.parametrize("curvature", EXACT)
 @pytest.mark.parametrize(
-    "kind,loss,loss_fn", CE_WEIGHTED, ids=[f"{k}-{t}-{f.reduction}-{f.label_smoothing}" for k, t, f in CE_WEIGHTED]
+    "kind,loss,loss_fn",
+    CE_WEIGHTED,
+    ids=[f"{k}-{t}-{f.reduction}-{f.label_smoothing}" for k, t, f in CE_WEIGHTED],
 )
 def test_cross_entropy_with_class_weights_against_autograd(
     curvature: str, kind: str, loss: str, loss_fn: nn.Module

@@ -28,7 +28,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     shutil.copytree(ROOT / "quadstep", src / "quadstep", ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out)],
         check=True,
     )
     (path,) = out.glob("quadstep-*.whl")
@@ -53,7 +54,8 @@ def test_wheel_ships_py_typed_and_the_mit_license(wheel: zipfile.ZipFile) -> Non
 def test_declared_torch_floor_is_the_tested_version(wheel: zipfile.ZipFile) -> None:
     """The floor declared is the torch that CI installs (the README's set-up pins it): widening it
     needs a test run on the older torch."""
-    (torch_req,) = [Requirement(r) for r in _metadata(wheel).get_all("Requires-Dist") if r.startswith("torch")]
+    requirements = [Requirement(r) for r in _metadata(wheel).get_all("Requires-Dist")]
+    (torch_req,) = [r for r in requirements if r.name == "torch"]
     (floor,) = [Version(s.version) for s in torch_req.specifier if s.operator == ">="]
     ci_pins = re.findall(r"pip install torch==([0-9.]+)", (ROOT / ".ci" / "run").read_text())
     assert ci_pins and {Version(v) for v in ci_pins} == {floor}
