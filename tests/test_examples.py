@@ -270,9 +270,15 @@ def test_observe_sgd_fashion_mnist_falls_back_to_digits(
 
 
 @pytest.mark.slow
-def test_drop_in(tmp_path: Path) -> None:
+def test_drop_in(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     example = load_example("drop_in")
     rows = example.main(["--epochs", "2", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "scale mode: alpha* reached" in printed and "clipped at alpha_max=0.1 on" in printed
+    for r in rows:  # the misclassified images' share of the test loss is part of it
+        wrong = 1 - r["test_accuracy"]
+        assert r["test_loss"] >= wrong * r["test_loss_misclassified"] - 1e-6 or wrong == 0
+        assert r["largest_logit"] > 0
     table = read_csv(tmp_path / "epochs.csv")
     assert [(r["run"], int(r["epoch"])) for r in table] == [
         (run, epoch) for run in ("adam", "observe", "scale") for epoch in (1, 2)
