@@ -189,3 +189,20 @@ class _Forward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(self.model, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nll_loss_on_low_precision_log_probabilities(dtype: torch.dtype) -> None:
+    """Half-precision log_softmax outputs pass the check (their rows' logsumexp is 0 up to rounding),
+    and the value agrees with the float64 reference to half precision."""
+    x, y = _data("tanh", "ce", n=16)
+    logits = _model("tanh")
+    reference = copy.deepcopy(logits)
+    model = LogSoftmaxHead(logits.to(dtype))
+    loss_fn = nn.NLLLoss()
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
+    loss_fn(model(x.to(dtype)), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    opt.step()
+    _, dgd = _reference(reference, x, y, _nll_of_logits(loss_fn), -g / (g.abs() + 1e-8))
+    assert float(opt.history[-1].dHd) == pytest.approx(dgd, rel=0.1)

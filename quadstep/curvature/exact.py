@@ -617,8 +617,9 @@ def _check_log_probabilities(loss_fn: nn.Module, z: Tensor, dim: int) -> None:
     (one host synchronisation)."""
     if loss_fn in _LOG_PROBABILITIES_SEEN or z.numel() == 0:
         return
-    error = torch.logsumexp(z, dim).abs().max()
-    if not error <= (1e-2 if torch.finfo(z.dtype).bits >= 32 else 1e-1):
+    low_precision = torch.finfo(z.dtype).bits < 32
+    error = torch.logsumexp(z.float() if low_precision else z, dim).abs().max()
+    if not error <= (1e-1 if low_precision else 1e-2):
         raise ValueError(
             "curvature='ggn-exact' with nn.NLLLoss needs log-probabilities as the loss's input (the "
             "model ending in log_softmax over dim 1, as for nn.NLLLoss itself), so that the GGN splits "
@@ -645,6 +646,9 @@ def _ggn_quadratic(
     pp^\top) \dot a = \dot z^\top (\mathrm{diag}\,p - pp^\top) \dot z`: the cross-entropy
     formula applied to :math:`z`.
     """
+    dim = 0 if z.dim() == 1 else 1
+    if isinstance(loss_fn, nn.NLLLoss):
+        _check_log_probabilities(loss_fn, z, dim)
     if z.dtype not in (torch.float32, torch.float64):  # bf16/fp16 outputs: accumulate in float32
         z, z_dot = z.float(), z_dot.float()
     w = w.to(z.dtype)
@@ -660,9 +664,6 @@ def _ggn_quadratic(
         return torch.dot(z_dot.reshape(-1), z_dot.reshape(-1)).mul_(scale) * w
     # Cross-entropy: per position, the Hessian w.r.t. the logits is diag(p) - p pᵀ;
     # label smoothing only adds terms linear in z.
-    dim = 0 if z.dim() == 1 else 1
-    if isinstance(loss_fn, nn.NLLLoss):
-        _check_log_probabilities(loss_fn, z, dim)
     pz = torch.softmax(z, dim=dim).mul_(z_dot)
     q = (pz * z_dot).sum(dim) - pz.sum(dim).square()
     scale, count = _cross_entropy_scale(loss_fn, target, z, dim)
