@@ -40,14 +40,19 @@ Writes ``overhead.csv`` (one row per problem × contender), ``overhead.md`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
 import json
+import os
 import platform
+import re
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +194,28 @@ def contenders(
     return out
 
 
+#: What torch's profiler (kineto) writes to the stderr file descriptor at every start and stop.
+_PROFILER_LINE = re.compile(r"^(USDT|STAGE):\S+ \S+ \d+:\d+ \w*ActivityProfiler\w*\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def _without_profiler_lines() -> Iterator[None]:
+    """Drop the profiler's start/stop lines; whatever else reaches stderr meanwhile passes on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not _PROFILER_LINE.match(line)))
+
+
 def peak_bytes(
     build: Callable[[nn.Module, Tensor, Tensor], Step], template: nn.Module, x: Tensor, y: Tensor, steps: int
 ) -> int:
@@ -196,7 +223,7 @@ def peak_bytes(
     from torch._C._profiler import _EventType
 
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_lines(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step = build(template, x, y)
         for _ in range(steps):
             step()

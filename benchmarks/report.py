@@ -352,8 +352,7 @@ def plot_workload(
     groups = by_config(rows)
     adam = best_lr(rows, "adam")
     written = []
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    dashes = ("-", "--", "-.", ":")  # α* variants often coincide exactly: keep every line visible
+    styles = _line_styles(plt, 20)  # α* variants often coincide exactly: keep every line visible
 
     # 1. training loss curves of the headline configurations
     fig, ax = plt.subplots(figsize=(10, 5))
@@ -364,9 +363,8 @@ def plot_workload(
         curves = [_ema(logs[r["run_id"]]["loss"]) for r in runs if r["run_id"] in logs]
         if not curves:
             continue
-        style = dashes[i % len(dashes)] if config[3].startswith("scale") else ("-" if config[0] == "adam" else ":")
         label = runs[0]["label"] + (" (best)" if config[0] == "adam" and config[1] == adam else "")
-        ax.plot(_mean_curve(curves), style, lw=1.6, color=colors[i % len(colors)], label=label)
+        ax.plot(_mean_curve(curves), lw=1.6, **styles[i % len(styles)], label=label)
     ax.set(
         yscale="log",
         xlabel="step",
@@ -401,20 +399,14 @@ def plot_workload(
         mean, _, n = mean_std([r["final_train_loss"] for r in ok])
         if not n:
             continue
-        color = colors[(i + 2) % len(colors)]
+        style = styles[(i + 2) % len(styles)]
         label = runs[0]["label"]
         if config[3].startswith("scale"):  # a star where the median α it used sits on the lr axis
             used, _, n_used = mean_std([r["alpha_median"] for r in ok])
             if n_used and used > 0:
-                ax.plot([used], [mean], "*", ms=11, color=color)
+                ax.plot([used], [mean], "*", ms=11, color=style["color"])
                 label += f" (★ at median α {used:.2g})"
-        ax.axhline(
-            mean,
-            ls=dashes[i % len(dashes)] if config[3].startswith("scale") else ":",
-            lw=1.3,
-            color=color,
-            label=label,
-        )
+        ax.axhline(mean, ls=style["ls"], lw=1.3, color=style["color"], label=label)
     ax.set(
         xscale="log",
         yscale="log",
@@ -439,9 +431,8 @@ def plot_workload(
             medians = [v[len(v) // 2] if v else math.nan for v in per_step]
             ax.plot(
                 _rolling_median(medians, max(steps // 50, 5)),
-                dashes[i % len(dashes)],
                 lw=1.4,
-                color=colors[i % len(colors)],
+                **styles[i % len(styles)],
                 label=runs[0]["label"],
             )
     for lr in lr_grid:
@@ -492,8 +483,8 @@ def plot_workload(
                 histtype="step",
                 density=True,
                 lw=1.4,
-                ls=dashes[i % len(dashes)],
-                color=colors[i % len(colors)],
+                ls=styles[i % len(styles)]["ls"],
+                color=styles[i % len(styles)]["color"],
                 label=f"{runs[0]['label']} ({len(values)} steps)",
             )
     for lr in lr_grid:
@@ -512,6 +503,29 @@ def plot_workload(
     _legend(ax)
     written.append(_save(fig, folder / f"alpha_dist_{workload}.png"))
     return written
+
+
+#: Markers for the lines of one plot, in order: with their colours, twelve lines stay apart.
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p")
+
+
+def _line_styles(plt: Any, n: int) -> list[dict[str, Any]]:
+    """``n`` distinct line styles: no colour repeats (tab20's strong shades first, then the light
+    ones), markers and dashes cycle, and each line's markers start at its own offset along the line,
+    so that curves which coincide exactly still show all their markers."""
+    palette = plt.get_cmap("tab20").colors
+    colors = list(palette[0::2]) + list(palette[1::2])
+    dashes = ("-", "--", "-.", ":")
+    return [
+        {
+            "color": colors[i % len(colors)],
+            "ls": dashes[i % len(dashes)],
+            "marker": _MARKERS[i % len(_MARKERS)],
+            "ms": 5,
+            "markevery": ((i % len(_MARKERS)) / len(_MARKERS) * 0.1, 0.1),
+        }
+        for i in range(n)
+    ]
 
 
 def _legend(ax: Any) -> None:

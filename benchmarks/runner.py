@@ -12,7 +12,7 @@ import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -282,14 +282,18 @@ def run(
         return [s for s in subs if optimizers is None or s.optimizer in optimizers]
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen layer of `quadratic`
-    with logging_redirect_tqdm(), tqdm(total=0, disable=not progress, unit="run", dynamic_ncols=True) as bar:
+    planned = {w.name: _planned_runs(w, curvatures, keep) * len(seeds) for w in workloads}
+    bar = tqdm(total=sum(planned.values()), disable=not progress, unit="run", dynamic_ncols=True)
+    with logging_redirect_tqdm(), bar:
         for workload in workloads:
+            done = bar.n
             try:
                 data = workload.load_data(seeds[0], size)
             except DataUnavailable as err:
                 log.warning("skipping workload %s: %s", workload.name, err)
                 meta["skipped_workloads"][workload.name] = str(err)
                 write_metadata()
+                bar.update(planned[workload.name])
                 continue
             n_steps = steps if steps is not None else workload.steps[size]
             meta["workloads"][workload.name] = {
@@ -310,8 +314,6 @@ def run(
                     plan = []
                     if best is not None and best != DEFAULT_LR:
                         plan = keep(observe_submissions(workload.backpack, [best], curvatures))
-                bar.total += len(plan) * len(seeds)
-                bar.refresh()
                 for sub in plan:
                     for seed in seeds:
                         bar.set_postfix_str(f"{workload.name}: {sub.label}, seed {seed}")
@@ -320,11 +322,20 @@ def run(
                         logs.write(result.log)
                         rows.append(result.row)
                         bar.update()
+            bar.update(done + planned[workload.name] - bar.n)  # an observe-best stage not needed
             logs.close()
             write_metadata()
     results.close()
     write_metadata()
     return rows
+
+
+def _planned_runs(
+    workload: Workload, curvatures: Sequence[str] | None, keep: Callable[[list[Submission]], list[Submission]]
+) -> int:
+    """Runs per seed for ``workload``: its grid and its observe-best stage (counted as done when not run)."""
+    grid = keep(submissions(workload.backpack, curvatures=curvatures))
+    return len(grid) + len(keep(observe_submissions(workload.backpack, [math.nan], curvatures)))
 
 
 def _git(*args: str) -> str | None:

@@ -1,7 +1,8 @@
 """Compare the four BackPACK curvatures along the same Adam direction, at every step.
 
-Notebook 001 asked BackPACK for all four curvature products in one backward pass
-(HMP, GGNMP, PCHMP clip, PCHMP abs). Here one observe-mode optimizer drives
+Which curvature should define the quadratic model? BackPACK gives all four curvature
+products in one backward pass (HMP, GGNMP, PCHMP clip, PCHMP abs). Here one
+observe-mode optimizer drives
 training (plain Adam steps) and measures dᵀHd along its own direction; a
 :class:`quadstep.compare.CurvatureProbe` measures dᵀGd and both positive-curvature
 Hessians along exactly that d, at the same θ and on the same batch, from the same
@@ -9,7 +10,7 @@ backward pass. Each curvature C gives its own alpha* = -dᵀg / dᵀCd.
 
 What to expect: for piecewise-linear networks (ReLU) and MSE the diagonal blocks
 of the Hessian, the GGN and both PCH variants coincide, so the four columns are
-equal (``--activation relu``, the notebooks' model). With a curved activation
+equal (``--activation relu``). With a curved activation
 (``tanh``, the default, or ``sigmoid``) the Hessian blocks gain a residual term
 that can be negative; GGN and PCH stay positive semi-definite.
 
@@ -42,7 +43,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
 def make_data(kind: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Notebook 000: y = X w + b + 0.1 noise (learnable); notebook 001: y ~ N(0, 1) (pure noise)."""
+    """``linear``: y = X w + b + 0.1 noise (learnable); ``noise``: y ~ N(0, 1) (nothing to learn)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 10, generator=gen)
     if kind == "noise":
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--activation", choices=list(ACTIVATIONS), default="tanh", help="(default: tanh)")
     parser.add_argument("--data", choices=("linear", "noise"), default="linear",
-                        help="targets of notebook 000 (linear + noise) or 001 (pure noise) (default: linear)")
-    parser.add_argument("--width", type=int, default=5, help="hidden units (default: 5, as the notebooks)")
+                        help="targets: a linear function plus noise, or pure noise (default: linear)")
+    parser.add_argument("--width", type=int, default=5, help="hidden units (default: 5)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
     parser.add_argument("--steps", type=int, default=2000, help="(default: 2000)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")

@@ -20,6 +20,8 @@ The pattern, in short::
         loss_fn(model(x), y).backward()  # DDP averages g, BackPACK stores local curvature
     opt.step()                           # averages dᵀCd over ranks, same alpha on every rank
 
+Outputs in ``--out`` (rank 0): ``history.csv`` (one row per step) and ``summary.json``.
+
 Keep the local batch sizes equal (``drop_last=True``): DDP weights every rank
 equally, so with unequal local batches the step is that of the mean of the
 ranks' mean losses, not of the mean over the global batch.
@@ -29,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -48,9 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default: 64)")
-    parser.add_argument("--mode", choices=("scale", "observe"), default="scale")
+    parser.add_argument("--mode", choices=("scale", "observe"), default="scale", help="(default: scale)")
     parser.add_argument("--curvature", default="ggn", help="hessian | ggn | pch-clip | pch-abs (default: ggn)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--out", type=Path, default=Path("results/examples/ddp_adam"),
+                        help="output folder, written by rank 0 (default: results/examples/ddp_adam)")
     args = parser.parse_args(argv)
 
     distributed = "RANK" in os.environ  # set by torchrun
@@ -110,6 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         print(opt.history.format_summary())
         print(f"{world} process(es), {step} steps, parameters identical on every rank, "
               f"train accuracy {accuracy:.3f}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        opt.history.to_csv(args.out / "history.csv")
+        summary = {"processes": world, "steps": step, "train_accuracy": accuracy,
+                   "history": opt.history.summary()}
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.out / 'history.csv'}, {args.out / 'summary.json'}")
     if distributed:
         # DDP's reducer holds gloo work: free it while the interpreter is alive, then leave together.
         del model, opt

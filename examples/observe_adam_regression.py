@@ -1,7 +1,8 @@
 """Observe alpha* along Adam's direction while plain Adam trains a small regression MLP.
 
-The user's regression problem (notebooks 000 and 001): an MLP 10-5-1 with ReLU,
-mean-squared error, 1000 generated samples, mini-batches of 32. With
+The research workflow on a small regression problem: train an MLP 10-5-1 with ReLU
+and mean-squared error (1000 generated samples, mini-batches of 32) with Adam, and
+watch how the greedy step size compares with Adam's. With
 ``mode="observe"`` the optimizer takes exactly the steps of ``torch.optim.Adam``
 and only records, at every step,
 
@@ -14,7 +15,7 @@ that Adam takes (moments already updated with the current gradient). A summary
 each learning rate.
 
     python examples/observe_adam_regression.py                      # ~1 min on CPU
-    python examples/observe_adam_regression.py --data noise         # notebook 001's targets
+    python examples/observe_adam_regression.py --data noise         # targets that are pure noise
     python examples/observe_adam_regression.py --lr 1e-3 1e-2 --curvature ggn
     python examples/observe_adam_regression.py --steps 50 --out results/smoke   # smoke run
 
@@ -38,7 +39,7 @@ from quadstep import CURVATURES, QuadraticLineSearchAdam
 
 
 def make_data(kind: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Notebook 000: y = X w + b + 0.1 noise (learnable); notebook 001: y ~ N(0, 1) (pure noise)."""
+    """``linear``: y = X w + b + 0.1 noise (learnable); ``noise``: y ~ N(0, 1) (nothing to learn)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 10, generator=gen)
     if kind == "noise":
@@ -83,7 +84,7 @@ def train(
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", choices=("linear", "noise"), default="linear",
-                        help="targets of notebook 000 (linear + noise) or 001 (pure noise) (default: linear)")
+                        help="targets: a linear function plus noise, or pure noise (default: linear)")
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 1e-2],
                         help="Adam learning rate(s); one run each (default: 1e-3 1e-2)")
     parser.add_argument("--curvature", choices=CURVATURES, default="hessian", help="(default: hessian)")

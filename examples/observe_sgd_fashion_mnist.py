@@ -1,15 +1,16 @@
 """Observe alpha* along SGD's direction while SGD trains an MLP on Fashion-MNIST.
 
-The user's classifier (notebook 002): MLP 784-128-64-10 with ReLU, cross-entropy,
-``torch.optim.SGD(lr=0.01)``, batches of 64. ``QuadraticLineSearchSGD`` in
+Does plain SGD step short of, or past, the minimum of the local quadratic model? An
+MLP 784-128-64-10 with ReLU and cross-entropy trains with ``torch.optim.SGD(lr=0.01)``,
+batches of 64. ``QuadraticLineSearchSGD`` in
 ``mode="observe"`` takes exactly SGD's steps and records, at every step, along
 SGD's own direction d = -g (or the momentum buffer with ``--momentum``),
 
     alpha* = -dᵀg / dᵀCd     (= gᵀg / gᵀCg without momentum),
 
-with dᵀCd measured at the parameters *before* the step, on the same batch (the
-notebook took d = θ_after - θ_before and the products at θ_before; this needs
-neither).
+with dᵀCd measured at the parameters *before* the step, on the same batch that gave
+the gradient: alpha* > lr means SGD stopped short of the model's minimum along its
+step, alpha* < lr that it stepped past it.
 
 Data: the four Fashion-MNIST (or MNIST) IDX files ``train-images-idx3-ubyte``,
 ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``
@@ -116,10 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="folder with the four IDX files (default: search "
                              f"{', '.join(map(str, DEFAULT_DATA_DIRS))})")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
-    parser.add_argument("--momentum", type=float, default=0.0, help="(default: 0, as the notebook)")
+    parser.add_argument("--momentum", type=float, default=0.0, help="(default: 0)")
     parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
     parser.add_argument("--curvature", choices=("hessian", "ggn", "pch-clip", "pch-abs"), default="ggn",
-                        help="BackPACK curvature (default: ggn, as the notebook)")
+                        help="BackPACK curvature (default: ggn)")
     parser.add_argument("--steps", type=int, default=1000, help="(default: 1000, about one epoch)")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     parser.add_argument("--print-every", type=int, default=200, help="(default: 200)")

@@ -314,12 +314,39 @@ class History(Sequence[StepRecord]):
             writer.writerow(cols)
             writer.writerows(zip(*cols.values()))
 
+    def to_tensorboard(self, writer: Any, tag: str = "quadstep") -> None:
+        """Send every record to a TensorBoard writer, at its step (one host sync for all of them).
+
+        Each numeric column of :meth:`columns` becomes the scalar ``{tag}/{column}``, each
+        text column (the status) the text ``{tag}/{column}`` at the steps where it changes.
+
+        Args:
+            writer: a :class:`torch.utils.tensorboard.SummaryWriter` (needs
+                ``pip install tensorboard``) or anything with its ``add_scalar`` and ``add_text``.
+            tag: prefix of the tags (default: "quadstep").
+        """
+        cols = self.columns()
+        steps = cols.pop("step")
+        for name, values in cols.items():
+            previous = None
+            for step, value in zip(steps, values):
+                if not isinstance(value, str):
+                    writer.add_scalar(f"{tag}/{name}", value, step)
+                elif value != previous:
+                    writer.add_text(f"{tag}/{name}", value, step)
+                    previous = value
+
     def plot(self, ax: Any = None, lr: float | Sequence[float] | None = None) -> Any:
         """Plot alpha* (where defined) and alpha over steps on a log axis; returns the axes.
 
         ``lr``: learning rate(s) to draw as horizontal reference lines. Needs matplotlib.
         """
-        import matplotlib.pyplot as plt
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ModuleNotFoundError(
+                'History.plot() needs matplotlib: pip install "quadstep[plot]" (or pip install matplotlib).'
+            ) from err
 
         if ax is None:
             _, ax = plt.subplots(figsize=(7, 4))

@@ -169,7 +169,10 @@ def test_given_the_model_the_backward_frees_activations_and_nothing_else_changes
     freed = [
         m for m in model if any(0 in getattr(m, a).stride() for a in ("input0", "output") if hasattr(m, a))
     ]
-    if case == "relu-pool-cnn-ce":  # every conv's and ReLU's output, the pools' inputs
+    # Linear/Conv outputs (only their shape is read), ReLUs (a mask), max-pools' inputs (indices);
+    # the activations' other layers keep theirs.
+    assert freed == [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d))]
+    if case == "relu-pool-cnn-ce":
         assert [type(m).__name__ for m in freed] == ["Conv2d", "ReLU", "MaxPool2d"] * 2 + ["Linear"]
     curvature.release(list(model.parameters()))
 
@@ -499,29 +502,3 @@ def test_clear_errors_survive() -> None:
     with pytest.raises(RuntimeError, match=r"the loss function is not extended"):
         with backpack(BackpackCurvature("ggn").extension()):
             nn.CrossEntropyLoss()(model(x), y).backward()
-
-
-def test_overhead_benchmark_writes_its_table(tmp_path) -> None:  # noqa: ANN001
-    """``python -m benchmarks overhead`` on a tiny setting: one row per contender, finite ratios."""
-    import csv
-    import math
-
-    import quadstep
-    from benchmarks import overhead
-
-    overhead.main(
-        ["--depths", "2", "--no-cnn", "--rounds", "2", "--steps", "1", "--warmup", "0",
-         "--memory-steps", "1", "--threads", "1", "--clock", "cpu", "--policies", "lagged@2",
-         "--out", str(tmp_path)]
-    )  # fmt: skip
-    rows = list(csv.DictReader(open(tmp_path / "overhead.csv", encoding="utf-8")))
-    assert tuple(rows[0]) == overhead.COLUMNS
-    assert [r["optimizer"] for r in rows] == ["adam", "adam-fused"] + ["quadstep"] * len(quadstep.CURVATURES)
-    assert [r["curvature"] for r in rows[2:]] == list(quadstep.CURVATURES)
-    assert [r["policy"] for r in rows] == ["", ""] + ["lagged@2"] * len(quadstep.CURVATURES)
-    assert rows[0]["time_ratio_median"] == "1.000" and rows[0]["peak_ratio"] == "1.000"
-    for r in rows:
-        for column in overhead.COLUMNS[4:]:
-            assert math.isfinite(float(r[column])) and float(r[column]) > 0
-    assert (tmp_path / "overhead.md").read_text().count("| mlp-depth2 |") == len(rows)
-    assert (tmp_path / "overhead_metadata.json").exists()

@@ -6,16 +6,19 @@ import csv
 import gzip
 import json
 import math
+import os
 import socket
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import quadstep
 from benchmarks import data as idx
-from benchmarks import report, runner
+from benchmarks import overhead, report, runner
 from benchmarks.__main__ import main
 from benchmarks.submissions import ADAM_LRS, Submission, submissions
 from benchmarks.workloads import DataUnavailable, all_workloads
@@ -140,14 +143,16 @@ def test_each_optimizer_entry_runs(sub: Submission) -> None:
     result = runner.train_run(workload, workload.load_data(0, "tiny"), sub, seed=0, steps=4)
     _finite_row(result.row)
     assert all(math.isfinite(r["loss"]) for r in result.log)
-    if sub.is_quadstep:
-        assert all(r["status"] in report.DEFINED or r["status"] for r in result.log)
+    if sub.is_quadstep:  # Q is positive definite and θ far from the optimum: the model has a minimum
+        assert all(r["dg"] < 0 for r in result.log)
         assert all(math.isfinite(r[k]) for r in result.log for k in ("alpha", "dg"))
         # the curvature along d_t (greedy, observe) or d_{t-1} (lagged, from step 2), on measuring steps
-        key = "lagged_dHd" if sub.mode == "scale" and sub.step_size == "lagged" else "dHd"
-        measuring = [r for r in result.log if (r["step"] - 1) % sub.every == 0 and (key == "dHd" or r["step"] > 1)]
-        assert all(math.isfinite(r[key]) for r in measuring)
-        assert 0.0 <= result.row["alpha_star_defined"] <= 1.0
+        lagged = sub.mode == "scale" and sub.step_size == "lagged"
+        key, status = ("lagged_dHd", "policy_status") if lagged else ("dHd", "status")
+        measuring = [r for r in result.log if (r["step"] - 1) % sub.every == 0 and (not lagged or r["step"] > 1)]
+        assert measuring and all(r[key] > 0 and r[status] in report.DEFINED for r in measuring)
+        if not lagged and sub.every == 1:
+            assert result.row["alpha_star_defined"] == 1.0
 
 
 def test_submission_grid_covers_the_issue() -> None:
@@ -207,6 +212,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cli_writes_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_mnist(tmp_path / "idx")
     monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
@@ -341,3 +347,103 @@ def test_probe_subcommand_writes_steps_table_and_plot(tmp_path: Path) -> None:
     assert (out / "summary.md").read_text() == table
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["config"]["curvature"] == "ggn-exact" and meta["workloads"]["quadratic"]["steps"] == steps
+@pytest.mark.slow
+def test_overhead_benchmark_writes_its_table(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks overhead`` on a tiny setting: one row per contender, finite ratios, and
+    none of the profiler's start/stop lines on stderr."""
+    overhead.main(
+        ["--depths", "2", "--no-cnn", "--rounds", "2", "--steps", "1", "--warmup", "0",
+         "--memory-steps", "1", "--threads", "1", "--clock", "cpu", "--policies", "lagged@2",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "overhead.csv", encoding="utf-8")))
+    assert tuple(rows[0]) == overhead.COLUMNS
+    assert [r["optimizer"] for r in rows] == ["adam", "adam-fused"] + ["quadstep"] * len(quadstep.CURVATURES)
+    assert [r["curvature"] for r in rows[2:]] == list(quadstep.CURVATURES)
+    assert [r["policy"] for r in rows] == ["", ""] + ["lagged@2"] * len(quadstep.CURVATURES)
+    assert rows[0]["time_ratio_median"] == "1.000" and rows[0]["peak_ratio"] == "1.000"
+    for r in rows:
+        for column in overhead.COLUMNS[4:]:
+            assert math.isfinite(float(r[column])) and float(r[column]) > 0
+    assert (tmp_path / "overhead.md").read_text().count("| mlp-depth2 |") == len(rows)
+    assert (tmp_path / "overhead_metadata.json").exists()
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "ActivityProfiler" not in err
+
+
+def test_profiler_lines_dropped_and_everything_else_kept(capfd: pytest.CaptureFixture[str]) -> None:
+    with overhead._without_profiler_lines():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True):
+            torch.randn(3)
+        os.write(2, b"a line of our own\n")
+        print("via sys.stderr", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert sorted(err.splitlines()) == ["a line of our own", "via sys.stderr"]
+
+
+def test_progress_bar_total_is_fixed_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar's total is known before the first run and never changes; it ends full, also for a
+    workload whose data is missing and for an observe-best stage that is not needed."""
+    import tqdm
+
+    seen: list[tuple[int, float]] = []
+
+    class Recording(tqdm.tqdm):
+        def update(self, n: float = 1) -> bool | None:
+            seen.append((self.total, self.n))
+            out = super().update(n)
+            seen.append((self.total, self.n))
+            return out
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    monkeypatch.setenv(idx.DATA_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    rows = runner.run(
+        [WORKLOADS["quadratic"], WORKLOADS["fmnist_mlp"], WORKLOADS["regression"]], "tiny", [0, 1],
+        tmp_path / "out", steps=2, optimizers=["adam", "quadstep_adam"], curvatures=["ggn-exact"],
+    )  # fmt: skip
+    totals = {total for total, _ in seen}
+    assert len(totals) == 1
+    (total,) = totals
+    assert seen[-1][1] == total > 0
+    assert 0 < len(rows) < total  # the missing workload's runs and the stages not needed counted as done
+
+
+def test_plots_keep_twelve_identical_curves_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twelve configurations with the very same curves: every line gets its own colour and marker."""
+    pytest.importorskip("matplotlib")
+    configs = [("adam", 1e-3, "", ""), ("adam", 1e-2, "", ""), ("sgd", 0.1, "", "")]
+    configs += [(peer, 1.0, "", "") for peer in report.PEERS]
+    configs += [("quadstep_adam", 1e-3, c, "scale") for c in quadstep.CURVATURES]
+    rows, logs = [], {}
+    for i, (name, lr, curvature, mode) in enumerate(configs):
+        rows.append({
+            "workload": "w", "optimizer": name, "lr": lr, "curvature": curvature, "mode": mode,
+            "label": f"{name} {lr} {curvature}", "run_id": str(i), "status": "ok",
+            "final_train_loss": 0.5 - 0.01 * (name == "adam" and lr == 1e-2), "alpha_median": 0.01,
+        })  # fmt: skip
+        logs[str(i)] = {"loss": [1.0 / (t + 1) for t in range(200)], "alpha_star": [0.01] * 200,
+                        "status": ["ok"] * 200}  # fmt: skip
+    figures = {}
+
+    def keep(fig, path: Path) -> Path:  # noqa: ANN001
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(report, "_save", keep)
+    report.plot_workload("w", rows, logs, tmp_path)
+    import matplotlib.pyplot as plt
+
+    for name, lines in [
+        ("loss_w.png", 12),
+        ("alpha_w.png", len(quadstep.CURVATURES)),
+    ]:
+        drawn = [line for line in figures[name].axes[0].get_lines() if not line.get_label().startswith("_")]
+        assert len(drawn) == lines
+        assert len({line.get_color() for line in drawn}) == lines
+        assert len({line.get_marker() for line in drawn}) == lines
+        assert len({str(line.get_markevery()) for line in drawn}) == lines  # markers don't sit on each other
+    sweep = [line for line in figures["lr_sweep_w.png"].axes[0].get_lines() if line.get_label()[0] != "_"]
+    assert len({line.get_color() for line in sweep}) == len(sweep)
+    for fig in figures.values():
+        plt.close(fig)

@@ -440,6 +440,7 @@ def live_tensors() -> int:
         return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
 
 
+@pytest.mark.slow
 def test_hundreds_of_steps_keep_no_closures_graph_or_extra_records() -> None:
     torch.manual_seed(0)
     model = extend(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))
@@ -476,6 +477,7 @@ def test_hundreds_of_steps_keep_no_closures_graph_or_extra_records() -> None:
     assert len(opt.history) == 50 and [r.step for r in opt.history] == list(range(151, 201))
 
 
+@pytest.mark.slow
 def test_memory_benchmark_reports_flat_tensors_and_bounded_history(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,6 +13,7 @@ process-group timeout and the join deadline, never blocks CI.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from quadstep import QuadraticLineSearchAdam, StepProbe
+from quadstep.records import COLUMNS
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -295,12 +297,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_example_runs_on_two_cpu_processes() -> None:
+@pytest.mark.slow
+def test_torchrun_example_runs_on_two_cpu_processes(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
         f"--master_port={_free_port()}", str(ROOT / "examples" / "ddp_adam.py"), "--steps", "20",
+        "--out", str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "2 process(es), 20 steps, parameters identical on every rank" in proc.stdout
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert rows[0] == ",".join(COLUMNS) and len(rows) == 21
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == summary["history"]["steps"] == 20

@@ -64,6 +64,7 @@ def assert_png(path: Path) -> None:
 # --- examples/observe_adam_regression.py -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_observe_adam_regression(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     example = load_example("observe_adam_regression")
     summaries = example.main(
@@ -82,6 +83,7 @@ def test_observe_adam_regression(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert printed.count("alpha_star: max") == 4  # every 20 steps (step 20) and at the end, per lr
 
 
+@pytest.mark.slow
 def test_observe_adam_regression_follows_torch_adam(tmp_path: Path) -> None:
     """The example's observe-mode run is Adam's run: the same final loss as torch.optim.Adam in its loop."""
     example = load_example("observe_adam_regression")
@@ -106,6 +108,7 @@ def test_observe_adam_regression_follows_torch_adam(tmp_path: Path) -> None:
 # --- examples/compare_curvatures.py and quadstep.compare -----------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_compare_curvatures(tmp_path: Path, activation: str) -> None:
     example = load_example("compare_curvatures")
@@ -266,9 +269,16 @@ def test_observe_sgd_fashion_mnist_falls_back_to_digits(
 # --- examples/drop_in.py ------------------------------------------------------------------------
 
 
-def test_drop_in(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_drop_in(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     example = load_example("drop_in")
     rows = example.main(["--epochs", "2", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "scale mode: alpha* reached" in printed and "clipped at alpha_max=0.1 on" in printed
+    for r in rows:  # the misclassified images' share of the test loss is part of it
+        wrong = 1 - r["test_accuracy"]
+        assert r["test_loss"] >= wrong * r["test_loss_misclassified"] - 1e-6 or wrong == 0
+        assert r["largest_logit"] > 0
     table = read_csv(tmp_path / "epochs.csv")
     assert [(r["run"], int(r["epoch"])) for r in table] == [
         (run, epoch) for run in ("adam", "observe", "scale") for epoch in (1, 2)
@@ -286,13 +296,59 @@ def test_drop_in(tmp_path: Path) -> None:
         assert len(read_csv(tmp_path / f"history_{run}.csv")) == 2 * 45  # 1437 samples / 32 per batch
 
 
+# --- examples/mnist_cnn.py -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mnist_cnn_observe_mode_is_the_adam_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """PyTorch's MNIST loop with NLLLoss after log_softmax under ggn-exact: observe mode trains exactly
+    as torch.optim.Adam does (same dropout masks, same losses), scale mode steps with alpha*, and
+    StepLR schedules lr."""
+    example = load_example("mnist_cnn")
+    tiny = ["--dataset", "digits", "--train-size", "96", "--test-size", "64", "--batch-size", "32",
+            "--epochs", "2", "--log-interval", "1"]  # fmt: skip
+    runs = {}
+    for name, extra in [("adam", ["--optimizer", "adam"]), ("observe", ["--mode", "observe"]), ("scale", [])]:
+        runs[name] = example.main([*tiny, *extra, "--out", str(tmp_path / name)])
+    assert "scikit-learn digits, 96 training and 64 test images" in capsys.readouterr().out
+    assert [r["lr"] for r in runs["observe"]] == pytest.approx([1e-3, 7e-4])
+    for a, o in zip(runs["adam"], runs["observe"]):
+        assert o["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert o["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
+    assert not (tmp_path / "adam" / "history.csv").exists()
+    for name in ("observe", "scale"):
+        assert_history_csv(tmp_path / name / "history.csv", 2 * 3)
+        rows = read_csv(tmp_path / name / "epochs.csv")
+        assert [int(r["epoch"]) for r in rows] == [1, 2]
+        assert all(math.isfinite(float(r["test_loss"])) for r in rows)
+    alphas = [float(r["alpha"]) for r in read_csv(tmp_path / "scale" / "history.csv")]
+    assert alphas != pytest.approx([1e-3] * 6)  # scale mode: alpha*, not lr
+
+
+@pytest.mark.slow
+def test_mnist_cnn_reads_idx_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "idx"
+    data.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 40), ("t10k", 20)):
+        _write_idx(data / f"{split}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), generator=gen))
+        _write_idx(data / f"{split}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), generator=gen))
+    monkeypatch.setenv("QUADSTEP_DATA_DIR", str(tmp_path / "nowhere"))  # --data-dir overrides it
+    example = load_example("mnist_cnn")
+    rows = example.main(["--dataset", "fashion-mnist", "--data-dir", str(data), "--train-size", "32",
+                         "--batch-size", "16", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert len(rows) == 1 and 0.0 <= rows[0]["test_accuracy"] <= 1.0
+    assert_history_csv(tmp_path / "out" / "history.csv", 2)
+
+
 # --- examples/observe_adam_regression.ipynb -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nbclient
-    import nbformat
-    from ipykernel import kernelspec
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    kernelspec = pytest.importorskip("ipykernel.kernelspec")
 
     # A kernel spec for *this* interpreter, first on JUPYTER_PATH: a user-wide "python3" spec
     # pointing at another Python (without quadstep) cannot be picked up instead.

@@ -40,8 +40,9 @@ layer instead of called: Linear/Conv as above, ReLU by masking the tangent, any
 other layer on dual numbers; the same values with less machinery per layer (somebody
 else's forward hook on one of its modules sends it the general way).
 :math:`H_\ell` is applied in closed form: cross-entropy
-:math:`\sum_c p_c \dot z_c^2 - (\sum_c p_c \dot z_c)^2` per position, MSE
-:math:`2\sum \dot z^2`, scaled by the reduction and by ``w``.
+:math:`\sum_c p_c \dot z_c^2 - (\sum_c p_c \dot z_c)^2` per position (class weights
+allowed; ``NLLLoss`` on log-probabilities splits before the log_softmax), MSE
+:math:`2\sum \dot z^2` over the loss's broadcast shape, scaled by the reduction and by ``w``.
 
 **hessian-exact** re-runs the forward at :math:`\theta + \alpha d` and differentiates
 the loss twice w.r.t. the scalar :math:`\alpha` at 0 (double backward: every
@@ -63,6 +64,7 @@ not to :math:`d^\top C d`.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -77,8 +79,9 @@ from torch.func import functional_call
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
-#: Losses with a closed-form Hessian w.r.t. the model's output (for "ggn-exact").
-GGN_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss)
+#: Losses with a closed-form Hessian w.r.t. the model's output (for "ggn-exact"); NLLLoss on
+#: log-probabilities splits before the log_softmax (see :func:`_ggn_quadratic`).
+GGN_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss)
 
 #: Layers whose product is not recomputed in the ggn-exact tangent pass.
 _FAST = {layer: layer.forward for layer in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)}
@@ -150,7 +153,8 @@ class ExactCurvature:
         model: the network whose ``forward`` computes the output passed to ``loss_fn``.
         loss_fn: the loss module called as ``loss_fn(output, target)``; for
             ``"ggn-exact"`` a :class:`~torch.nn.CrossEntropyLoss` (class indices or
-            probabilities; ``weight=None``) or :class:`~torch.nn.MSELoss`.
+            probabilities), :class:`~torch.nn.NLLLoss` on log-probabilities or
+            :class:`~torch.nn.MSELoss`.
     """
 
     #: The curvature names this class serves.
@@ -613,44 +617,99 @@ def _check_ggn_loss(loss_fn: nn.Module) -> None:
     if not isinstance(loss_fn, GGN_LOSSES):
         raise ValueError(
             f"curvature='ggn-exact' needs the loss Hessian w.r.t. the model's output in closed form, "
-            f"known for {', '.join(c.__name__ for c in GGN_LOSSES)}; got {type(loss_fn).__name__}. "
-            "Use one of these (nn.CrossEntropyLoss on logits, not NLLLoss after LogSoftmax), or "
-            "curvature='hessian-exact', which works with any loss."
+            f"known for {', '.join(c.__name__ for c in GGN_LOSSES)} (NLLLoss on log_softmax outputs); "
+            f"got {type(loss_fn).__name__}. Use one of these, or curvature='hessian-exact', which works "
+            "with any loss."
         )
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is not None:
+
+
+#: Loss modules whose input :func:`_check_log_probabilities` has accepted once.
+_LOG_PROBABILITIES_SEEN: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _check_log_probabilities(loss_fn: nn.Module, z: Tensor, dim: int) -> None:
+    r"""Raise unless every row of ``z`` along ``dim`` is a log-probability vector,
+    :math:`\log \sum_c e^{z_c} = 0`; checked at the first step of each loss module only
+    (one host synchronisation)."""
+    if loss_fn in _LOG_PROBABILITIES_SEEN or z.numel() == 0:
+        return
+    low_precision = torch.finfo(z.dtype).bits < 32
+    error = torch.logsumexp(z.float() if low_precision else z, dim).abs().max()
+    if not error <= (1e-1 if low_precision else 1e-2):
         raise ValueError(
-            "curvature='ggn-exact' does not support nn.CrossEntropyLoss(weight=...); use "
-            "curvature='hessian-exact', or a loss without class weights."
+            "curvature='ggn-exact' with nn.NLLLoss needs log-probabilities as the loss's input (the "
+            "model ending in log_softmax over dim 1, as for nn.NLLLoss itself), so that the GGN splits "
+            f"before the log_softmax; the rows of the output given to the loss have logsumexp up to "
+            f"{float(error):.3g} instead of 0. End the model with `F.log_softmax(x, dim=1)` or "
+            "`nn.LogSoftmax(dim=1)`, or pass the logits to nn.CrossEntropyLoss. No parameter was changed."
         )
+    _LOG_PROBABILITIES_SEEN.add(loss_fn)
 
 
 def _ggn_quadratic(
     loss_fn: nn.Module, z: Tensor, z_dot: Tensor, rest: tuple[Any, ...], kwargs: dict[str, Any], w: Tensor
 ) -> Tensor:
-    r""":math:`\dot z^\top (\sum_i w_i \nabla^2_z \ell_i)\, \dot z` for the recorded loss call."""
+    r""":math:`\dot z^\top (\sum_i w_i \nabla^2_z \ell_i)\, \dot z` for the recorded loss call.
+
+    MSE: :math:`2 \sum \dot z^2` over the loss's broadcast shape (an output entry that a
+    broadcasting target meets ``k`` times counts ``k`` times). Cross-entropy on logits
+    :math:`z`, per position: :math:`s\,(\sum_c p_c \dot z_c^2 - (\sum_c p_c \dot z_c)^2)`,
+    :math:`p = \mathrm{softmax}(z)`, with :math:`s` the position's class weight (mixed with
+    the smoothing and the target probabilities as in ``F.cross_entropy``). NLLLoss on
+    :math:`z = \log\mathrm{softmax}(a)`: the GGN split before the log_softmax. There
+    :math:`p = e^z = \mathrm{softmax}(z)` and :math:`\dot z = \dot a - (p^\top \dot a)\mathbf 1`;
+    as :math:`(\mathrm{diag}\,p - pp^\top)\mathbf 1 = 0`, :math:`\dot a^\top (\mathrm{diag}\,p -
+    pp^\top) \dot a = \dot z^\top (\mathrm{diag}\,p - pp^\top) \dot z`: the cross-entropy
+    formula applied to :math:`z`.
+    """
+    dim = 0 if z.dim() == 1 else 1
+    if isinstance(loss_fn, nn.NLLLoss):
+        _check_log_probabilities(loss_fn, z, dim)
     if z.dtype not in (torch.float32, torch.float64):  # bf16/fp16 outputs: accumulate in float32
         z, z_dot = z.float(), z_dot.float()
     w = w.to(z.dtype)
     reduction = loss_fn.reduction
+    target = rest[0] if rest else kwargs["target"]
     if isinstance(loss_fn, nn.MSELoss):
+        shape = torch.broadcast_shapes(z.shape, target.shape)
         if reduction == "none":
+            z_dot = z_dot.expand(shape)
             return 2 * torch.dot((w * z_dot).reshape(-1), z_dot.reshape(-1))
-        scale = 2.0 / z.numel() if reduction == "mean" else 2.0
+        repeats = math.prod(shape) // max(z.numel(), 1)  # loss entries per output entry
+        scale = 2.0 / z.numel() if reduction == "mean" else 2.0 * repeats
         return torch.dot(z_dot.reshape(-1), z_dot.reshape(-1)).mul_(scale) * w
     # Cross-entropy: per position, the Hessian w.r.t. the logits is diag(p) - p pᵀ;
     # label smoothing only adds terms linear in z.
-    target = rest[0] if rest else kwargs["target"]
-    dim = 0 if z.dim() == 1 else 1
     pz = torch.softmax(z, dim=dim).mul_(z_dot)
     q = (pz * z_dot).sum(dim) - pz.sum(dim).square()
-    eps = loss_fn.label_smoothing
-    if target.is_floating_point():  # probabilities: loss_i = sum_c t'_c (logsumexp z - z_c)
-        scale = target.to(z.dtype).sum(dim).mul_(1 - eps).add_(eps)
-        count: Tensor | int = q.numel()
-    else:
-        scale = (target != loss_fn.ignore_index).to(z.dtype)
-        count = scale.sum()
+    scale, count = _cross_entropy_scale(loss_fn, target, z, dim)
     if reduction == "none":
         return torch.dot((w * scale).reshape(-1), q.reshape(-1))
     total = torch.dot(scale.reshape(-1), q.reshape(-1)).mul_(w)
     return total / count if reduction == "mean" else total
+
+
+def _cross_entropy_scale(
+    loss_fn: nn.Module, target: Tensor, z: Tensor, dim: int
+) -> tuple[Tensor, Tensor | int]:
+    r"""Per position, the factor :math:`s` of :math:`\mathrm{diag}\,p - pp^\top` in the loss's
+    Hessian, and the divisor of ``reduction="mean"``, as ``F.cross_entropy``/``F.nll_loss``
+    define them: class indices :math:`s = (1-\epsilon) w_y + \epsilon \bar w` (0 at
+    ``ignore_index``), mean over :math:`\sum w_y`; probabilities :math:`t`,
+    :math:`s = \sum_c w_c ((1-\epsilon) t_c + \epsilon / C)`, mean over the positions;
+    :math:`w` the class weights (1 without), :math:`\bar w` their mean."""
+    weight = loss_fn.weight
+    weight = None if weight is None else weight.to(z.dtype)
+    eps = getattr(loss_fn, "label_smoothing", 0.0)
+    if target.is_floating_point():  # probabilities: loss_i = -sum_c w_c t'_c log p_c
+        smoothed = target.to(z.dtype).mul(1 - eps).add_(eps / z.shape[dim])
+        if weight is not None:
+            smoothed = smoothed * weight.reshape((-1,) + (1,) * (z.dim() - dim - 1))
+        return smoothed.sum(dim), smoothed.sum(dim).numel()
+    valid = target != loss_fn.ignore_index
+    if weight is None:
+        scale = valid.to(z.dtype)
+        return scale, scale.sum()
+    w_y = weight[torch.where(valid, target, 0)] * valid
+    scale = w_y * (1 - eps) + (weight.mean() * eps) * valid if eps else w_y
+    return scale, w_y.sum()
