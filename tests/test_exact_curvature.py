@@ -25,6 +25,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from backpack import backpack, extend
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -633,3 +634,82 @@ def test_batchnorm_running_stats_update_once(curvature: str, per_block: bool) ->
     twin(x)
     for name, buffer in twin.named_buffers():
         torch.testing.assert_close(dict(model.named_buffers())[name], buffer, rtol=0, atol=0)
+
+
+class _SharedNorm(nn.Module):
+    """One LayerNorm registered as both ``ln`` and ``ln2``, applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.ln = nn.LayerNorm(3)
+        self.ln2 = self.ln
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.ln2(torch.tanh(self.ln(self.inner(x)))))
+
+
+def _shared(kind: str) -> tuple[nn.Module, Callable[[list[Tensor], Tensor], Tensor]]:
+    """A model that uses one module under two names, and its forward written out by hand as a
+    function of its (deduplicated) parameter list."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        lin = nn.Linear(3, 3)
+        model = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(3, 2)).to(DTYPE)
+
+        def by_hand(ps: list[Tensor], x: Tensor) -> Tensor:
+            w, b, wh, bh = ps
+            return F.linear(F.linear(torch.tanh(F.linear(x, w, b)), w, b), wh, bh)
+
+        return model, by_hand
+    model = _SharedNorm().to(DTYPE)
+
+    def by_hand(ps: list[Tensor], x: Tensor) -> Tensor:
+        w, b, lw, lb, wh, bh = ps
+        h = torch.tanh(F.layer_norm(F.linear(x, w, b), (3,), lw, lb))
+        return F.linear(F.layer_norm(h, (3,), lw, lb), wh, bh)
+
+    return model, by_hand
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+@pytest.mark.parametrize("kind", ["linear", "layernorm"])
+def test_module_registered_under_two_names(curvature: str, kind: str) -> None:
+    """dᵀCd against the forward written out by hand; the model keeps its Parameters (the ones the
+    optimizer steps), and over three steps it follows torch.optim.Adam."""
+    model, by_hand = _shared(kind)
+    params = list(model.parameters())
+    twin = copy.deepcopy(model)
+    loss_fn = nn.MSELoss()
+    opt = QuadraticLineSearchAdam(params, lr=1e-2, curvature=curvature, mode="observe", model=model, loss_fn=loss_fn)
+    adam = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    shapes = [p.shape for p in params]
+    for step in range(3):
+        x, y = _data("tanh", "mse", seed=step)
+        x, y = x[:, :3], y[:, :2]
+        theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+        def out_of(flat: Tensor) -> Tensor:
+            pieces = torch.split(flat, [s.numel() for s in shapes])
+            return by_hand([piece.view(s) for piece, s in zip(pieces, shapes)], x)
+
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        adam.zero_grad()
+        nn.functional.mse_loss(twin(x), y).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        opt.step()
+        adam.step()
+        if step == 0:
+            d = -g / (g.abs() + EPS)
+            hessian = torch.autograd.functional.hessian(lambda f: loss_fn(out_of(f), y), theta)
+            jd = torch.autograd.functional.jvp(out_of, theta, d)[1].reshape(-1)
+            z = out_of(theta).detach()
+            loss_hessian = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), z).reshape(z.numel(), -1)
+            expected = float(d @ hessian @ d) if curvature == "hessian-exact" else float(jd @ loss_hessian @ jd)
+            assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
+        assert all(type(t) is nn.Parameter for m in model.modules() for t in m._parameters.values())
+        assert all(p is q for p, q in zip(model.parameters(), params))
+        for p, q in zip(params, twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-14)

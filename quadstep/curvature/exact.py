@@ -73,7 +73,6 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
@@ -379,11 +378,7 @@ class ExactCurvature:
             # those layers read their tangents from `tangents`.
             fast = {p for m in forward.outputs for p in self._own_params[m]} & self._fast_only
             with fwAD.dual_level(), torch.no_grad():
-                duals = {
-                    self._names[p]: fwAD.make_dual(p, d.to(p.dtype))
-                    for p, d in tangents.items()
-                    if p not in fast
-                }
+                duals = {p: fwAD.make_dual(p, d.to(p.dtype)) for p, d in tangents.items() if p not in fast}
                 tangent = fwAD.unpack_dual(self._rerun(forward, duals, tangents)).tangent
         if tangent is None:  # d is zero on every parameter the output depends on
             tangent = torch.zeros_like(forward.output)
@@ -397,9 +392,9 @@ class ExactCurvature:
         some = next(iter(tangents.values()))
         with torch.enable_grad():
             alpha = torch.zeros((), dtype=some.dtype, device=some.device, requires_grad=True)
-            params = {n: p.detach() for p, n in self._names.items()}
+            params = {p: p.detach() for p in self._names}
             for p, d in tangents.items():
-                params[self._names[p]] = p.detach() + alpha.to(p.dtype) * d.to(p.dtype)
+                params[p] = p.detach() + alpha.to(p.dtype) * d.to(p.dtype)
             out = self._rerun(forward, params)
             self._rerunning = True
             try:
@@ -486,9 +481,10 @@ class ExactCurvature:
                 m.training = not m.training
 
     def _rerun(
-        self, forward: _Forward, duals: dict[str, Tensor], tangents: dict[Tensor, Tensor] | None = None
+        self, forward: _Forward, duals: dict[Tensor, Tensor], tangents: dict[Tensor, Tensor] | None = None
     ) -> Tensor:
-        """The recorded forward with parameters ``duals``; modes and RNG as recorded, buffers copied.
+        """The recorded forward with ``duals[p]`` in place of each parameter ``p``; modes and RNG as
+        recorded, buffers copied.
 
         With ``tangents``, Linear/Conv layers reuse their recorded outputs and compute
         only the tangent, reading the tangent of their own parameters from ``tangents``.
@@ -498,10 +494,8 @@ class ExactCurvature:
             try:
                 for module in swapped:  # an instance attribute shadows the class's forward until deleted
                     module.forward = _tangent_forward(module, forward.outputs[module], tangents or {})
-                buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-                if duals or buffers:
-                    out = functional_call(self.model, {**buffers, **duals}, forward.args, forward.kwargs)
-                else:
+                buffers = {b: b.clone() for b in self.model.buffers()}
+                with _substituted(list(self.model.modules()), {**buffers, **duals}):
                     out = self.model(*forward.args, **forward.kwargs)
             finally:
                 for module in swapped:
@@ -509,6 +503,29 @@ class ExactCurvature:
         if not isinstance(out, Tensor):
             raise RuntimeError(f"curvature={self.name!r} needs a model whose forward returns one tensor.")
         return out
+
+
+@contextlib.contextmanager
+def _substituted(modules: Sequence[nn.Module], values: dict[Tensor, Tensor]) -> Iterator[None]:
+    """Every parameter or buffer slot of ``modules`` that holds a key of ``values`` holds its value
+    meanwhile; afterwards each slot holds its own tensor again.
+
+    By identity of the tensor, once per slot: a module registered under two names, or a parameter
+    shared by two modules, is substituted everywhere and restored exactly (``functional_call``
+    swaps a module's slot once per name and restores the second swap's value).
+    """
+    swapped: list[tuple[dict[str, Any], str, Tensor]] = []
+    try:
+        for module in modules:
+            for slots in (module._parameters, module._buffers):
+                for name, tensor in slots.items():
+                    if tensor is not None and tensor in values:
+                        swapped.append((slots, name, tensor))
+                        slots[name] = values[tensor]
+        yield
+    finally:
+        for slots, name, tensor in reversed(swapped):
+            slots[name] = tensor
 
 
 def _remove(handles: list[RemovableHandle]) -> None:
