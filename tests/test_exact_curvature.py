@@ -17,6 +17,7 @@ equals torch.optim.Adam, and the errors.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -713,3 +714,33 @@ def test_module_registered_under_two_names(curvature: str, kind: str) -> None:
         assert all(p is q for p, q in zip(model.parameters(), params))
         for p, q in zip(params, twin.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+@pytest.mark.parametrize("how, kind", [("torch.compile", "tanh"), ("torch.compile", "residual"), ("Module.compile", "residual")])
+def test_compiled_model(curvature: str, how: str, kind: str) -> None:
+    """A compiled model (aot_autograd: no forward-mode AD, no double backward): the curvature's
+    passes run eagerly and give the values of the autograd references."""
+    model = _model(kind)
+    reference = copy.deepcopy(model)
+    x, y = _data(kind, "ce")
+    loss_fn = nn.CrossEntropyLoss()
+    if how == "torch.compile":
+        model = torch.compile(model, backend="aot_eager")
+    else:
+        model.compile(backend="aot_eager")
+    opt, d = _run_first_step(model, x, y, loss_fn, curvature)
+    dhd, dgd = _reference(reference, x, y, loss_fn, d)
+    assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)
+    assert opt.history[-1].status == "ok"
+
+
+def test_lost_tangent_is_an_error_not_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were the compiled forward not run eagerly, its output would carry no tangent: an error."""
+    import quadstep.curvature.exact as exact
+
+    monkeypatch.setattr(exact, "_eager", contextlib.nullcontext)
+    model = torch.compile(_model("residual"), backend="aot_eager")
+    x, y = _data("residual", "ce")
+    with pytest.raises(RuntimeError, match="carries no tangent along d"):
+        _run_first_step(model, x, y, nn.CrossEntropyLoss(), "ggn-exact")

@@ -51,7 +51,9 @@ three backward passes; no closed form needed, so any loss module works.
 During a re-run, the module modes and the RNG state of the recorded forward are
 restored (dropout masks match the gradient's), and buffers are replaced by
 copies, so batch-norm running statistics are updated once per step, by the
-user's forward, not again.
+user's forward, not again. A compiled model (``torch.compile(model)``,
+``model.compile()``) is re-run eagerly: compiled graphs carry no forward-mode
+tangents and have no double backward.
 
 The loss must be called on the model's output itself or on a reshape of it that
 keeps the memory layout (``out.view(-1, V)``); anything else belongs in the model.
@@ -358,11 +360,12 @@ class ExactCurvature:
         for c in calls:
             forwards.setdefault(id(c.forward), (c.forward, []))[1].append(c)
         terms = []
-        for forward, fcalls in forwards.values():
-            if self.name == "ggn-exact":
-                terms += self._ggn(forward, fcalls, tangents)
-            else:
-                terms.append(self._hessian(forward, fcalls, tangents))
+        with _eager():
+            for forward, fcalls in forwards.values():
+                if self.name == "ggn-exact":
+                    terms += self._ggn(forward, fcalls, tangents)
+                else:
+                    terms.append(self._hessian(forward, fcalls, tangents))
         return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def _ggn(self, forward: _Forward, calls: list[_LossCall], tangents: dict[Tensor, Tensor]) -> list[Tensor]:
@@ -380,8 +383,13 @@ class ExactCurvature:
             with fwAD.dual_level(), torch.no_grad():
                 duals = {p: fwAD.make_dual(p, d.to(p.dtype)) for p, d in tangents.items() if p not in fast}
                 tangent = fwAD.unpack_dual(self._rerun(forward, duals, tangents)).tangent
-        if tangent is None:  # d is zero on every parameter the output depends on
-            tangent = torch.zeros_like(forward.output)
+        if tangent is None:
+            raise RuntimeError(
+                "curvature='ggn-exact': the model's output carries no tangent along d, though the "
+                f"{len(tangents)} parameter(s) with a gradient were given one: forward-mode AD was lost "
+                "inside the model's forward (an op or region that drops dual numbers). Use "
+                "curvature='hessian-exact', which needs no forward-mode AD."
+            )
         return [
             _ggn_quadratic(self.loss_fn, c.input, tangent.reshape(c.input.shape), c.rest, c.kwargs, c.weight)
             for c in calls
@@ -503,6 +511,15 @@ class ExactCurvature:
         if not isinstance(out, Tensor):
             raise RuntimeError(f"curvature={self.name!r} needs a model whose forward returns one tensor.")
         return out
+
+
+def _eager() -> AbstractContextManager[Any]:
+    """Every ``torch.compile``-d function or module (``torch.compile(model)``, ``model.compile()``)
+    runs eagerly meanwhile: compiled graphs drop forward-mode tangents (which would read as
+    :math:`Jd = 0`) and have no double backward."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 @contextlib.contextmanager
