@@ -222,3 +222,49 @@ def test_clipping_is_recorded(bounds: tuple[float, float], status: str) -> None:
     assert rec.status == status
     assert float(rec.alpha) == pytest.approx(bounds[1] if status == "clipped-max" else bounds[0])
     assert float(rec.alpha) != float(rec.alpha_star)
+
+
+def state_of(opt: QuadraticLineSearchAdam) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in s.items()} for s in opt.state.values()]
+
+
+def assert_state_equal(opt: QuadraticLineSearchAdam, saved: list[dict[str, torch.Tensor]]) -> None:
+    assert len(opt.state) == len(saved)
+    for state, old in zip(opt.state.values(), saved):
+        assert state.keys() == old.keys() and all(torch.equal(state[k], old[k]) for k in old)
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["no-model", "model"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "pch-abs"])
+def test_backpack_gradient_accumulation_is_refused(curvature: str, given: bool) -> None:
+    """Two backward() passes summed in p.grad: BackPACK's products hold the last one's curvature
+    only. Refused, with parameters, state and history unchanged; zero_grad() (to None or to zeros)
+    between the passes, or after a refused step, makes the step go through."""
+    model, loss_fn = model_and_loss()
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature, model=model if given else None)
+    x, y = data()
+
+    def backward_on(rows: slice) -> None:
+        with backpack(opt.extension()):
+            loss_fn(model(x[rows]), y[rows]).backward()
+
+    backward_on(slice(0, 4))
+    opt.step()
+    for step in range(2):  # the first refusal comes after a step (g kept), the second after zero_grad
+        if step:
+            opt.zero_grad()
+            backward_on(slice(0, 4))
+        backward_on(slice(4, 8))
+        before, saved, rows = snapshot(model), state_of(opt), len(opt.history)
+        with pytest.raises(RuntimeError, match="sums several backward"):
+            opt.step()
+        assert_unchanged(model, before)
+        assert_state_equal(opt, saved)
+        assert len(opt.history) == rows
+    for set_to_none in (True, False):
+        opt.zero_grad(set_to_none=set_to_none)
+        backward_on(slice(0, 4))
+        opt.zero_grad(set_to_none=set_to_none)
+        backward_on(slice(4, 8))
+        opt.step()
+    assert len(opt.history) == 3

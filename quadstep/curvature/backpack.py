@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -377,6 +378,7 @@ class _Traced(ModuleExtension):
         return lambda u: self.derivatives.residual_mat_prod(module, g_inp, g_out, u)
 
     def weight(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any) -> _ParamProduct:
+        ext.watch(module.weight)
         product = self.inner.weight(ext, module, g_inp, g_out, backproped)
 
         def tangent(d: Tensor) -> Tensor:
@@ -392,6 +394,7 @@ class _Traced(ModuleExtension):
         return _ParamProduct(product, tangent, backproped)
 
     def bias(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any) -> _ParamProduct:
+        ext.watch(module.bias)
         product = self.inner.bias(ext, module, g_inp, g_out, backproped)
 
         def tangent(d: Tensor) -> Tensor:
@@ -405,7 +408,8 @@ class _Traceable(SecondOrderBackpropExtension):
     hand it the module extensions they register: each is wrapped in :class:`_Traced`.
 
     ``touched`` collects the modules whose inputs and outputs BackPACK keeps for the
-    products (it frees them only when no curvature-product extension is active).
+    products (it frees them only when no curvature-product extension is active); ``watch``
+    is called with every parameter a product is saved on.
     """
 
     touched: dict[int, nn.Module]
@@ -423,8 +427,56 @@ class _Traceable(SecondOrderBackpropExtension):
         super().__init__(savefield, traced, fail_mode=fail_mode, subsampling=subsampling)
         self.touched = {}
         self.modules = None
+        self.watch: Callable[[Tensor], None] = lambda param: None
         self.producers: dict[int, list[nn.Module]] = {}
         self.consumers: collections.Counter[int] = collections.Counter()
+
+
+class _Accumulation:
+    """Which parameters' ``.grad`` sums more than one backward pass since it was last reset.
+
+    A hook runs before each backward adds into ``p.grad`` and compares ``p.grad`` with what
+    the previous backward left there (the same tensor at the same version): unchanged, the new
+    gradient is added to it. ``zero_grad()`` (to None or to zeros) resets it.
+    """
+
+    def __init__(self) -> None:
+        self.summed: set[Tensor] = set()
+        self._left: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
+        self._handles: dict[Tensor, list[Any]] = {}
+        handles = self._handles
+        weakref.finalize(self, lambda: [h.remove() for hs in handles.values() for h in hs])
+
+    def watch(self, param: Tensor) -> None:
+        """Hook ``param`` once; what its ``.grad`` holds now counts as left by a backward."""
+        if param in self._handles or not param.requires_grad:
+            return
+        self._record(param)
+        me, p_ref = weakref.ref(self), weakref.ref(param)
+
+        def before(grad: Tensor) -> None:
+            watch, p = me(), p_ref()
+            if watch is not None and p is not None:
+                left = watch._left.get(p)
+                g = p.grad
+                if g is not None and left is not None and left[0]() is g and g._version == left[1]:
+                    watch.summed.add(p)
+                else:
+                    watch.summed.discard(p)
+
+        def after(p: Tensor) -> None:
+            watch = me()
+            if watch is not None:
+                watch._record(p)
+
+        self._handles[param] = [param.register_hook(before), param.register_post_accumulate_grad_hook(after)]
+
+    def _record(self, param: Tensor) -> None:
+        g = param.grad
+        if g is None:
+            self._left.pop(param, None)
+        else:
+            self._left[param] = (weakref.ref(g), g._version)
 
 
 class _ClearErrors:
@@ -493,12 +545,16 @@ class BackpackCurvature:
         self.savefield = savefield or default_savefield
         self._touched: dict[int, nn.Module] = {}  # shared by every extension made here
         self._modules = None if model is None else list(model.modules())
+        self._accumulation = _Accumulation()
+        for p in [] if model is None else model.parameters():
+            self._accumulation.watch(p)
 
     def extension(self) -> BackpropExtension:
         """The BackPACK extension to run ``loss.backward()`` under."""
         ext = self._cls(savefield=self.savefield, **self._kwargs)
         ext.touched = self._touched
         ext.modules = self._modules
+        ext.watch = self._accumulation.watch
         return ext
 
     def context(self) -> AbstractContextManager[Any]:
@@ -516,6 +572,17 @@ class BackpackCurvature:
                 "`loss_fn = extend(loss_fn)` once, run `loss.backward()` inside "
                 "`with backpack(optimizer.extension()):` before every `optimizer.step()`, "
                 "or pass a closure: `optimizer.step(closure)`. No parameter was changed."
+            )
+        summed = [p for p in params if p in self._accumulation.summed]
+        if summed:
+            raise RuntimeError(
+                f"curvature={self.name!r}: the gradient of {len(summed)} of {len(params)} parameters "
+                f"(e.g. one of shape {tuple(summed[0].shape)}) sums several backward() passes since it "
+                "was last zeroed, but BackPACK's products hold the curvature of the last backward only, "
+                "so dᵀCd would not belong to g. Call `optimizer.zero_grad()` before each backward and "
+                "`step()` after it, or call backward() once on the sum of the losses, or use "
+                "curvature='ggn-exact' or 'hessian-exact', which add up the curvature of every "
+                "backward. No parameter was changed."
             )
 
     def quadratic_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
