@@ -744,3 +744,39 @@ def test_lost_tangent_is_an_error_not_zero(monkeypatch: pytest.MonkeyPatch) -> N
     x, y = _data("residual", "ce")
     with pytest.raises(RuntimeError, match="carries no tangent along d"):
         _run_first_step(model, x, y, nn.CrossEntropyLoss(), "ggn-exact")
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+def test_torch_func_transforms_pass_through_the_hooks(curvature: str) -> None:
+    """Per-sample gradients by vmap(grad(...)) and a jvp/jacrev of the watched model, run between
+    the user's forward and its loss: the same values as per-sample autograd loops, and the step
+    gets the curvature of the user's forward (the autograd reference)."""
+    from torch.func import grad, jacrev, jvp, vmap
+
+    model = _model("residual")
+    reference = copy.deepcopy(model)
+    x, y = _data("residual", "ce")
+    loss_fn = nn.CrossEntropyLoss()
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature, mode="observe", model=model, loss_fn=loss_fn)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(ps: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, ps, (xi[None],)), yi[None])
+
+    out = model(x)
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(len(x)):
+        loss_i = nn.functional.cross_entropy(reference(x[i : i + 1]), y[i : i + 1])
+        expected = torch.autograd.grad(loss_i, list(reference.parameters()))
+        for value, e in zip(per_sample.values(), expected):
+            torch.testing.assert_close(value[i], e, rtol=1e-12, atol=1e-14)
+    w = params["inner.weight"]
+    _, tangent = jvp(lambda v: functional_call(model, {"inner.weight": v}, (x,)), (w,), (torch.ones_like(w),))
+    jac = jacrev(lambda v: functional_call(model, {"inner.weight": v}, (x,)))(w)
+    torch.testing.assert_close(tangent, (jac * torch.ones_like(w)).sum((-2, -1)), rtol=1e-12, atol=1e-14)
+
+    loss_fn(out, y).backward()
+    d = _first_direction(model)
+    opt.step()
+    dhd, dgd = _reference(reference, x, y, loss_fn, d)
+    assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)

@@ -25,8 +25,9 @@ is therefore exactly Adam's::
 ``step()`` uses every recorded loss call whose backward ran since the previous
 step (gradient accumulation adds up, as the gradients do) and forgets them all
 afterwards, so nothing outlives a step. Forwards under ``torch.no_grad()`` (an
-evaluation between ``backward()`` and ``step()``) are not recorded; a recorded
-forward that never reaches ``backward()`` is ignored.
+evaluation between ``backward()`` and ``step()``) or under a ``torch.func`` transform
+(``vmap``, ``grad``, ``jvp``, ...) are not recorded and pass through untouched; a
+recorded forward that never reaches ``backward()`` is ignored.
 
 **ggn-exact** re-runs the model's forward once with forward-mode AD (dual
 numbers :math:`\theta + \varepsilon d`). A ``Linear``/``Conv`` layer does not redo
@@ -234,7 +235,7 @@ class ExactCurvature:
 
     # ---------------------------------------------------------------- recording
     def _forward_begins(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._rerunning or not torch.is_grad_enabled():
+        if self._rerunning or not torch.is_grad_enabled() or _under_transform():
             return
         # Forget loss calls that can no longer reach backward (e.g. evaluations with grad enabled).
         self._calls = [c for c in self._calls if c.weight is not None or c.loss() is not None]
@@ -255,6 +256,7 @@ class ExactCurvature:
         if (
             self._rerunning
             or forward is None
+            or _under_transform()
             or not args
             or not isinstance(args[0], Tensor)
             or not isinstance(output, Tensor)
@@ -264,7 +266,7 @@ class ExactCurvature:
         inp, out = args[0], forward.output
         is_view = (
             out is not None
-            and inp.data_ptr() == out.data_ptr()
+            and _same_memory(inp, out)
             and inp.dtype == out.dtype
             and (
                 (inp.shape, inp.stride()) == (out.shape, out.stride())
@@ -511,6 +513,21 @@ class ExactCurvature:
         if not isinstance(out, Tensor):
             raise RuntimeError(f"curvature={self.name!r} needs a model whose forward returns one tensor.")
         return out
+
+
+def _under_transform() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, jacrev, ...) is running: its forwards
+    see wrapped tensors without storage, and the optimizer never needs them."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` start at the same address; False for tensors without storage."""
+    try:
+        return a.data_ptr() == b.data_ptr()
+    except RuntimeError:  # wrapped or fake tensors have no data pointer
+        return False
 
 
 def _eager() -> AbstractContextManager[Any]:
