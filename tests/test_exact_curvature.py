@@ -739,7 +739,7 @@ def test_lost_tangent_is_an_error_not_zero(monkeypatch: pytest.MonkeyPatch) -> N
     """Were the compiled forward not run eagerly, its output would carry no tangent: an error."""
     import quadstep.curvature.exact as exact
 
-    monkeypatch.setattr(exact, "_eager", contextlib.nullcontext)
+    monkeypatch.setattr(exact, "_differentiable_kernels", contextlib.nullcontext)
     model = torch.compile(_model("residual"), backend="aot_eager")
     x, y = _data("residual", "ce")
     with pytest.raises(RuntimeError, match="carries no tangent along d"):
@@ -779,4 +779,82 @@ def test_torch_func_transforms_pass_through_the_hooks(curvature: str) -> None:
     d = _first_direction(model)
     opt.step()
     dhd, dgd = _reference(reference, x, y, loss_fn, d)
+    assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)
+
+
+class _Attention(nn.Module):
+    """Self-attention (``need_weights=False``: scaled_dot_product_attention), then a Linear, averaged over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0]).mean(1)
+
+
+def _attention_by_hand(ps: list[Tensor], x: Tensor) -> Tensor:
+    """:class:`_Attention`'s forward written out: two heads of softmax(q kᵀ/√2) v."""
+    w, b, wo, bo, wh, bh = ps
+    n, t, e = x.shape
+    q, k, v = (z.view(n, t, 2, e // 2).transpose(1, 2) for z in F.linear(x, w, b).chunk(3, -1))
+    attended = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(e // 2), -1) @ v
+    return F.linear(F.linear(attended.transpose(1, 2).reshape(n, t, e), wo, bo), wh, bh).mean(1)
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_multihead_attention_against_the_attention_written_out(curvature: str, train: bool) -> None:
+    """nn.MultiheadAttention: the CPU's fused kernels have no forward-mode AD and no double backward
+    (and eval mode adds a fused inference path); dᵀCd against autograd on the attention by hand."""
+    torch.manual_seed(0)
+    model = _Attention().to(DTYPE).train(train)
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (5,), generator=gen)
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def out_of(flat: Tensor) -> Tensor:
+        pieces = torch.split(flat, [s.numel() for s in shapes])
+        return _attention_by_hand([piece.view(s) for piece, s in zip(pieces, shapes)], x)
+
+    loss_fn = nn.CrossEntropyLoss()
+    torch.testing.assert_close(model(x), out_of(theta), rtol=1e-12, atol=1e-12)  # the same function
+    opt, d = _run_first_step(model, x, y, loss_fn, curvature)
+    hessian = torch.autograd.functional.hessian(lambda f: F.cross_entropy(out_of(f), y), theta)
+    jd = torch.autograd.functional.jvp(out_of, theta, d)[1].reshape(-1)
+    z = out_of(theta).detach()
+    loss_hessian = torch.autograd.functional.hessian(lambda o: F.cross_entropy(o, y), z).reshape(z.numel(), -1)
+    expected = float(d @ hessian @ d) if curvature == "hessian-exact" else float(jd @ loss_hessian @ jd)
+    assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x)).mean(1)
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+def test_transformer_encoder_layer_in_eval_mode(curvature: str) -> None:
+    """TransformerEncoderLayer's fused inference path; the reference's explicit matrices are
+    taken with the math attention kernel (the fused one has no double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = _Encoder().to(DTYPE).eval()
+    reference = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (5,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    opt, d = _run_first_step(model, x, y, loss_fn, curvature)
+    with sdpa_kernel(SDPBackend.MATH):
+        dhd, dgd = _reference(reference, x, y, loss_fn, d)
     assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)

@@ -52,9 +52,10 @@ three backward passes; no closed form needed, so any loss module works.
 During a re-run, the module modes and the RNG state of the recorded forward are
 restored (dropout masks match the gradient's), and buffers are replaced by
 copies, so batch-norm running statistics are updated once per step, by the
-user's forward, not again. A compiled model (``torch.compile(model)``,
-``model.compile()``) is re-run eagerly: compiled graphs carry no forward-mode
-tangents and have no double backward.
+user's forward, not again. The re-runs use the kernels that have forward-mode AD
+and a double backward: a compiled model (``torch.compile(model)``,
+``model.compile()``) runs eagerly, attention (``scaled_dot_product_attention``,
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) on its math kernel.
 
 The loss must be called on the model's output itself or on a reshape of it that
 keeps the memory layout (``out.view(-1, V)``); anything else belongs in the model.
@@ -76,6 +77,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
@@ -362,7 +364,7 @@ class ExactCurvature:
         for c in calls:
             forwards.setdefault(id(c.forward), (c.forward, []))[1].append(c)
         terms = []
-        with _eager():
+        with _differentiable_kernels():
             for forward, fcalls in forwards.values():
                 if self.name == "ggn-exact":
                     terms += self._ggn(forward, fcalls, tangents)
@@ -530,13 +532,23 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
         return False
 
 
-def _eager() -> AbstractContextManager[Any]:
-    """Every ``torch.compile``-d function or module (``torch.compile(model)``, ``model.compile()``)
-    runs eagerly meanwhile: compiled graphs drop forward-mode tangents (which would read as
-    :math:`Jd = 0`) and have no double backward."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return torch.compiler.set_stance("force_eager")
+@contextlib.contextmanager
+def _differentiable_kernels() -> Iterator[None]:
+    """Meanwhile, the ops that have forward-mode AD and a double backward run instead of the fast
+    kernels that lack them: every ``torch.compile``-d function or module (``torch.compile(model)``,
+    ``model.compile()``) runs eagerly (compiled graphs drop tangents, which would read as
+    :math:`Jd = 0`), ``scaled_dot_product_attention`` runs its math kernel, and
+    ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` skip their fused inference path."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    with contextlib.ExitStack() as stack:
+        if not torch.compiler.is_compiling():
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 @contextlib.contextmanager
