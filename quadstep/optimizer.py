@@ -101,6 +101,7 @@ class QuadraticLineSearch(Optimizer):
         if not params:
             return loss
         self._curvature.check_ready(params)  # raises before any state changes
+        maximize = self._maximizing(groups)
 
         # 1. The direction, from state that now includes g.
         ds, grad_sq = self._directions(groups, self.state.__getitem__)
@@ -119,6 +120,8 @@ class QuadraticLineSearch(Optimizer):
         values = self._average_over_ranks(stack_on(terms + blocks, dg.device))
         dcd = values[0] if len(terms) == 1 else values[: len(terms)].sum()
         block_dcd = values[len(terms) :]
+        if maximize:  # the objective is -L: gradient -g, curvature -C
+            block_dg, dg, dcd, block_dcd = -block_dg, -dg, -dcd, -block_dcd
 
         # 3. The step size; the mode only decides which scalar multiplies d.
         use_alpha_star = self.mode == "scale"
@@ -156,6 +159,30 @@ class QuadraticLineSearch(Optimizer):
             StepRecord.make(self._steps, rule.alpha_star, torch.stack(alphas), dg, dcd, rule.status)
         )
         return loss
+
+    @staticmethod
+    def _maximizing(groups: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        """Whether the groups maximize the loss (``maximize=True``); all must agree, or α* has no objective."""
+        flags = {bool(group.get("maximize", False)) for group, ps in groups if ps}
+        if len(flags) > 1:
+            raise ValueError(
+                "maximize must be the same in every parameter group: the step size is chosen for one "
+                "objective, L or -L. No parameter was changed."
+            )
+        return flags == {True}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """:meth:`torch.optim.Optimizer.add_param_group`, refusing complex parameters."""
+        super().add_param_group(param_group)
+        complex_params = [p for p in self.param_groups[-1]["params"] if p.is_complex()]
+        if complex_params:
+            self.param_groups.pop()
+            raise ValueError(
+                f"{type(self).__name__} does not support complex parameters (got one of dtype "
+                f"{complex_params[0].dtype} and shape {tuple(complex_params[0].shape)}): the quadratic "
+                "model needs real dᵀg and dᵀCd. Optimise torch.view_as_real(p) of a real parameter instead, "
+                "e.g. store p as real and use torch.view_as_complex(p) in the forward."
+            )
 
     def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each param group with its parameters that have a (dense) gradient."""
@@ -240,7 +267,8 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
     .. math::
         m_t &= \beta_1 m_{t-1} + (1-\beta_1) g, \qquad
         v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2 \\
-        d &= -\frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} \\
+        d &= -\frac{m_t/(1-\beta_1^t)}{\sqrt{\hat v_t/(1-\beta_2^t)} + \epsilon}, \qquad
+        \hat v_t = v_t \text{ or, with amsgrad, } \max(\hat v_{t-1}, v_t) \\
         \alpha^* &= -\frac{d^\top g}{d^\top C d} \\
         \theta &\leftarrow (1 - \mathrm{lr}\cdot\lambda)\,\theta + \alpha\, d, \qquad
         \alpha = \begin{cases}
@@ -249,7 +277,8 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         \end{cases}
 
     :math:`\alpha^*` is defined when :math:`d^\top g < 0`, :math:`d^\top C d > 0` and both are
-    finite. A gradient with NaN/Inf leaves parameters and moments untouched. Every
+    finite. With ``maximize=True`` the objective is :math:`-L`: :math:`g` and :math:`C` are
+    replaced by :math:`-g` and :math:`-C` everywhere, records included. A gradient with NaN/Inf leaves parameters and moments untouched. Every
     step appends a :class:`~quadstep.records.StepRecord` to :attr:`history`.
 
     With ``mode="observe"`` the steps are exactly those of :class:`torch.optim.Adam`
@@ -259,10 +288,22 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate; in scale mode used only where alpha* is undefined, and
             for weight decay (default: 1e-3).
-        betas: coefficients of the running averages of g and g² (default: (0.9, 0.999)).
+        betas: the two coefficients of the running averages of g and g², floats or 1-element
+            tensors (default: (0.9, 0.999)).
         eps: added to the denominator; must be > 0, or d is 0/0 for a
             gradient entry that was always zero (default: 1e-8).
         weight_decay: decoupled weight decay λ, as in AdamW (default: 0).
+        amsgrad: use the running maximum of v in d, as ``torch.optim.Adam(amsgrad=True)``
+            (default: False).
+        foreach: only None or False: there is no foreach path (default: None).
+        maximize: maximize the loss, as ``torch.optim.Adam(maximize=True)``; the same in
+            every parameter group (default: False).
+        capturable: only False: ``step()`` is not made for CUDA-graph capture; it issues no
+            host synchronisation anyway (default: False).
+        differentiable: only False: ``step()`` is not differentiable (default: False).
+        fused: None runs torch's fused Adam kernel for d where it exists (CPU, CUDA) and
+            per-tensor ops elsewhere and for fp16; True requires the kernel (fp16 included),
+            False always runs the per-tensor ops (default: None).
         curvature: ``"hessian"`` (BackPACK HMP), ``"ggn"`` (GGNMP), ``"pch-clip"`` or
             ``"pch-abs"`` (PCHMP with modify clip/abs): block-diagonal, need ``extend()``
             and the BackPACK context; ``"ggn-exact"`` or ``"hessian-exact"``: the full
@@ -323,7 +364,13 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         curvature: str = "hessian",
         mode: str = "scale",
         alpha_min: float = ALPHA_MIN,
@@ -335,12 +382,38 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
     ) -> None:
         if not 0.0 < eps:
             raise ValueError(f"Invalid epsilon value: {eps} (must be > 0)")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+        betas = _adam_betas(betas)
+        if foreach:
+            raise ValueError(
+                "foreach=True is not supported: Adam's direction runs torch's fused kernel where it "
+                "exists (fused=None, the default, or fused=True) and per-tensor ops elsewhere (fused=False); "
+                "pass foreach=None."
+            )
+        if capturable:
+            raise ValueError(
+                "capturable=True is not supported: step() is not made for CUDA-graph capture. It already "
+                "issues no host synchronisation and keeps state['step'] on the parameters' device; pass "
+                "capturable=False."
+            )
+        if differentiable:
+            raise ValueError(
+                "differentiable=True is not supported: step() runs under torch.no_grad() and picks its step "
+                "size by comparisons, so nothing in it can be differentiated; pass differentiable=False."
+            )
         super().__init__(
             params,
-            dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=bool(amsgrad),
+                maximize=bool(maximize),
+                foreach=foreach,
+                capturable=False,
+                differentiable=False,
+                fused=fused,
+            ),
             curvature=curvature,
             mode=mode,
             alpha_min=alpha_min,
@@ -350,6 +423,45 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
             loss_fn=loss_fn,
             per_block=per_block,
         )
+        if fused:
+            unfusable = [
+                p for g in self.param_groups for p in g["params"]
+                if p.device.type not in directions.FUSED_DEVICES or not p.is_floating_point()
+            ]  # fmt: skip
+            if unfusable:
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                    f"{sorted(directions.FUSED_DEVICES)} (one of dtype {unfusable[0].dtype} is on "
+                    f"{unfusable[0].device}); pass fused=None to use the kernel where it exists."
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _ADAM_FLAGS.items():
+                group.setdefault(key, value)
+
+
+#: The options of torch.optim.Adam beyond lr, betas, eps and weight_decay, with their defaults.
+_ADAM_FLAGS: dict[str, Any] = dict(
+    amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None
+)
+
+
+def _adam_betas(betas: Any) -> tuple[float, float]:
+    """``betas`` validated as :class:`torch.optim.Adam` does, as two floats."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(
+            f"Invalid betas: {betas!r} (need two coefficients, betas=(beta1, beta2), e.g. (0.9, 0.999))"
+        )
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    return float(betas[0]), float(betas[1])
 
 
 class QuadraticLineSearchSGD(QuadraticLineSearch):
