@@ -40,6 +40,9 @@ def assert_unchanged(model: nn.Module, before: list[torch.Tensor]) -> None:
         ({"eps": 0.0}, r"Invalid epsilon value: 0.0 \(must be > 0\)"),
         ({"betas": (1.0, 0.999)}, r"Invalid beta parameter at index 0: 1.0"),
         ({"betas": (0.9, -0.1)}, r"Invalid beta parameter at index 1: -0.1"),
+        ({"betas": (0.9,)}, r"Invalid betas: \(0.9,\) \(need two coefficients, betas=\(beta1, beta2\)"),
+        ({"betas": (0.9, 0.99, 0.5)}, r"Invalid betas: \(0.9, 0.99, 0.5\)"),
+        ({"betas": 0.9}, r"Invalid betas: 0.9"),
         ({"weight_decay": -0.1}, r"Invalid weight_decay value: -0.1"),
         ({"curvature": "fisher"}, r"Invalid curvature: 'fisher' \(choose one of 'hessian', 'ggn', 'pch-clip', 'pch-abs'"),
         ({"mode": "fast"}, r"Invalid mode: 'fast' \(choose one of 'scale', 'observe'\)"),
@@ -268,3 +271,18 @@ def test_backpack_gradient_accumulation_is_refused(curvature: str, given: bool) 
         backward_on(slice(4, 8))
         opt.step()
     assert len(opt.history) == 3
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_complex_parameters_are_refused_at_construction(optimizer: str) -> None:
+    from quadstep import QuadraticLineSearchSGD
+
+    cls = QuadraticLineSearchAdam if optimizer == "adam" else QuadraticLineSearchSGD
+    real = nn.Parameter(torch.zeros(2))
+    z = nn.Parameter(torch.zeros(3, dtype=torch.complex128))
+    with pytest.raises(ValueError, match=r"does not support complex parameters.*complex128.*view_as_real"):
+        cls([real, z])
+    opt = cls([real])
+    with pytest.raises(ValueError, match="does not support complex parameters"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [real]
