@@ -60,6 +60,10 @@ class QuadraticLineSearch(Optimizer):
             raise ValueError(f"Invalid mode: {mode!r} (choose one of {', '.join(map(repr, MODES))})")
         if not 0.0 <= alpha_min:
             raise ValueError(f"Invalid alpha_min: {alpha_min} (must be >= 0)")
+        if math.isnan(alpha_max):
+            raise ValueError(
+                f"Invalid alpha_max: {alpha_max} (must be a number >= alpha_min; math.inf disables the bound)"
+            )
         if not alpha_min <= alpha_max:
             raise ValueError(
                 f"Invalid alpha range: alpha_min={alpha_min} > alpha_max={alpha_max} "

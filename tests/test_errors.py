@@ -48,7 +48,7 @@ def assert_unchanged(model: nn.Module, before: list[torch.Tensor]) -> None:
         ({"mode": "fast"}, r"Invalid mode: 'fast' \(choose one of 'scale', 'observe'\)"),
         ({"alpha_min": -1.0}, r"Invalid alpha_min: -1.0"),
         ({"alpha_min": 0.5, "alpha_max": 0.1}, r"alpha_min=0.5 > alpha_max=0.1"),
-        ({"alpha_max": math.nan}, r"alpha_max=nan"),
+        ({"alpha_max": math.nan}, r"Invalid alpha_max: nan \(must be a number >= alpha_min; math.inf disables"),
         ({"history_size": 0}, r"Invalid history_size: 0"),
     ],
 )
@@ -286,3 +286,52 @@ def test_complex_parameters_are_refused_at_construction(optimizer: str) -> None:
     with pytest.raises(ValueError, match="does not support complex parameters"):
         opt.add_param_group({"params": [z]})
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [real]
+
+
+class _Scale(nn.Module):
+    """A custom layer BackPACK has no extension for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def test_unsupported_custom_layer_points_to_the_converter() -> None:
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(3, 4), _Scale(), nn.Linear(4, 2)))
+    loss_fn = extend(nn.MSELoss())
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn")
+    x, y = data()
+    with pytest.raises(NotImplementedError, match=r"cannot handle layer _Scale.*extend\(model, use_converter=True\)"):
+        with backpack(opt.extension()):
+            loss_fn(model(x), y).backward()
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["no-model", "model"])
+def test_backpack_parameter_outside_the_model_is_named(given: bool) -> None:
+    model, loss_fn = model_and_loss()
+    extra = nn.Parameter(torch.zeros(2))
+    opt = QuadraticLineSearchAdam([*model.parameters(), extra], curvature="ggn", model=model if given else None)
+    x, y = data()
+    with backpack(opt.extension()):
+        (loss_fn(model(x), y) + extra.square().sum()).backward()
+    before = snapshot(model)
+    message = "are not parameters of `model`" if given else "A parameter outside the extended model never gets one"
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    assert_unchanged(model, before)
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "pch-clip"])
+def test_backpack_loss_with_reduction_none_says_what_to_do(curvature: str) -> None:
+    model, _ = model_and_loss()
+    loss_fn = extend(nn.MSELoss(reduction="none"))
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature)
+    x, y = data()
+    with pytest.raises(ValueError, match=r"returns one scalar.*reduction='none'.*Use reduction='mean' or 'sum'"):
+        with backpack(opt.extension()):
+            loss_fn(model(x), y).mean().backward()

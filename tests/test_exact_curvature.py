@@ -559,7 +559,7 @@ def test_loss_on_transformed_output_is_refused() -> None:
     x, y = _data("tanh", "ce")
     opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
     loss_fn(2 * model(x), y).backward()
-    _assert_step_refused(opt, model, "Move that computation into the model")
+    _assert_step_refused(opt, model, "computed from the model's output, move that computation into the model")
 
 
 def test_parameter_outside_model_is_refused() -> None:
@@ -569,7 +569,7 @@ def test_parameter_outside_model_is_refused() -> None:
     params = [*model.parameters(), extra]
     opt = QuadraticLineSearchAdam(params, curvature="ggn-exact", model=model, loss_fn=loss_fn)
     loss_fn(model(x) + extra, y).backward()
-    _assert_step_refused(opt, model, "do not belong to `model`|not the model's output")
+    _assert_step_refused(opt, model, "do not belong to `model`|neither the output of a forward of `model`")
 
 
 def test_extension_says_none_is_needed_and_hooks_go_with_the_optimizer() -> None:
@@ -864,3 +864,21 @@ def test_transformer_encoder_layer_in_eval_mode(curvature: str) -> None:
     with sdpa_kernel(SDPBackend.MATH):
         dhd, dgd = _reference(reference, x, y, loss_fn, d)
     assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+def test_loss_on_an_earlier_forwards_output(curvature: str) -> None:
+    """out1 = model(x1); out2 = model(x2); loss_fn(out1, y1).backward(): the curvature of (x1, y1)."""
+    model, loss_fn = _model("tanh"), nn.CrossEntropyLoss()
+    reference = copy.deepcopy(model)
+    x1, y1 = _data("tanh", "ce", seed=1)
+    x2, _ = _data("tanh", "ce", seed=2)
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature, mode="observe", model=model, loss_fn=loss_fn)
+    out1 = model(x1)
+    out2 = model(x2)  # e.g. a forward for a metric, with grad enabled
+    loss_fn(out1, y1).backward()
+    d = _first_direction(model)
+    opt.step()
+    dhd, dgd = _reference(reference, x1, y1, loss_fn, d)
+    assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)
+    assert out2.requires_grad

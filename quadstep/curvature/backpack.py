@@ -489,7 +489,19 @@ class _ClearErrors:
             raise NotImplementedError(
                 f"BackPACK's {type(self).__mro__[2].__name__} cannot handle layer "
                 f"{module.__class__.__name__} ({module}). Supported: {SUPPORTED_LAYERS}. "
-                "Replace the layer, or use an exact curvature option that works on any model."
+                "A model that is not an nn.Sequential of these layers (custom modules, functional calls "
+                "in forward) may work after `model = extend(model, use_converter=True)`, which rewrites "
+                "it into supported modules; else replace the layer, or use curvature='ggn-exact' or "
+                "'hessian-exact', which work on any model."
+            ) from err
+        except ValueError as err:
+            if "Output must be scalar" not in str(err):
+                raise
+            raise ValueError(
+                f"BackPACK's curvature needs a loss module that returns one scalar, but {module} did not "
+                f"(reduction={getattr(module, 'reduction', None)!r}). "
+                "Use reduction='mean' or 'sum', or curvature='ggn-exact' or 'hessian-exact', which take "
+                "reduction='none' losses with the weights they enter backward() with."
             ) from err
         except AssertionError as err:
             if "expects a backpropagation quantity" not in str(err):
@@ -564,6 +576,17 @@ class BackpackCurvature:
     def check_ready(self, params: Sequence[Tensor]) -> None:
         """Raise before anything changes if a parameter has no curvature product."""
         missing = [i for i, p in enumerate(params) if not hasattr(p, self.savefield)]
+        if missing and self._modules is not None:
+            own = {q for m in self._modules for q in m.parameters(recurse=False)}
+            foreign = [params[i] for i in missing if params[i] not in own]
+            if foreign:
+                raise RuntimeError(
+                    f"curvature={self.name!r}: {len(foreign)} parameter(s) with a gradient (e.g. one of shape "
+                    f"{tuple(foreign[0].shape)}) are not parameters of `model`, the model given to the "
+                    "optimizer, so BackPACK computes no curvature for them. Give the optimizer only the "
+                    "model's parameters (a term of the loss outside the model, e.g. a learned temperature, "
+                    "belongs in the model). No parameter was changed."
+                )
         if missing:
             raise RuntimeError(
                 f"curvature={self.name!r} needs BackPACK's `{self.savefield}` on every parameter "
@@ -571,7 +594,8 @@ class BackpackCurvature:
                 f"shape {tuple(params[missing[0]].shape)}). Call `model = extend(model)` and "
                 "`loss_fn = extend(loss_fn)` once, run `loss.backward()` inside "
                 "`with backpack(optimizer.extension()):` before every `optimizer.step()`, "
-                "or pass a closure: `optimizer.step(closure)`. No parameter was changed."
+                "or pass a closure: `optimizer.step(closure)`. A parameter outside the extended model "
+                "never gets one: give the optimizer only the model's parameters. No parameter was changed."
             )
         summed = [p for p in params if p in self._accumulation.summed]
         if summed:

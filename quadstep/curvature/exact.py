@@ -188,6 +188,8 @@ class ExactCurvature:
         self._own_params = {m: list(m.parameters(recurse=False)) for m in fast}
         self._active: _Forward | None = None
         self._last: _Forward | None = None
+        #: Forwards recorded since the last step whose output the user may still pass to the loss.
+        self._earlier: list[tuple[weakref.ref[Tensor], _Forward]] = []
         self._calls: list[_LossCall] = []
         self._rerunning = False
         self_ref = weakref.ref(self)  # hooks must not keep the optimizer alive
@@ -201,6 +203,9 @@ class ExactCurvature:
             me = self_ref()
             if me is not None and module is me.model and me._active is not None:
                 me._active.output = output.detach() if isinstance(output, Tensor) else None
+                if isinstance(output, Tensor):
+                    me._earlier = [(r, f) for r, f in me._earlier if r() is not None]
+                    me._earlier.append((weakref.ref(output), me._active))
                 me._last, me._active = me._active, None
 
         def layer(module: nn.Module, args: Any, output: Any) -> None:
@@ -265,21 +270,15 @@ class ExactCurvature:
             or not output.requires_grad
         ):
             return
-        inp, out = args[0], forward.output
-        is_view = (
-            out is not None
-            and _same_memory(inp, out)
-            and inp.dtype == out.dtype
-            and (
-                (inp.shape, inp.stride()) == (out.shape, out.stride())
-                or inp.numel() == out.numel()
-                and inp.is_contiguous()
-                and out.is_contiguous()
-            )
-        )
-        call = _LossCall(
-            forward, inp.detach(), _detach(args[1:]), _detach(kwargs), bool(is_view), weakref.ref(output)
-        )
+        inp = args[0]
+        # The last forward's output, else that of an earlier one (out1 = model(x1); out2 = model(x2); loss(out1)).
+        earlier = [f for r, f in reversed(self._earlier) if r() is not None and f is not forward]
+        is_view = False
+        for candidate in [forward, *earlier]:
+            if _is_view(inp, candidate.output):
+                forward, is_view = candidate, True
+                break
+        call = _LossCall(forward, inp.detach(), _detach(args[1:]), _detach(kwargs), is_view, weakref.ref(output))
         self._calls.append(call)
         call_ref = weakref.ref(call)
 
@@ -321,11 +320,14 @@ class ExactCurvature:
                 )
             if not call.is_view:
                 raise RuntimeError(
-                    f"curvature={self.name!r}: `loss_fn` was called on a tensor that is not the model's "
-                    f"output (shape {tuple(call.forward.output.shape)}) nor a reshape of it (got shape "
-                    f"{tuple(call.input.shape)}). Move that computation into the model's forward, so "
-                    "that the loss is called as `loss_fn(model(x), y)` or `loss_fn(model(x).view(...), y)`. "
-                    "No parameter was changed."
+                    f"curvature={self.name!r}: `loss_fn` was called on a tensor (shape "
+                    f"{tuple(call.input.shape)}) that is neither the output of a forward of `model` since the "
+                    f"last step (the last one has shape {tuple(call.forward.output.shape)}) nor a reshape of "
+                    "one. If it is computed from the model's output, move that computation into the "
+                    "model's forward, so that the loss is called as `loss_fn(model(x), y)` or "
+                    "`loss_fn(model(x).view(...), y)`; if it is the output of a forward before the last "
+                    "step(), run the forward again; if it is another model's output, give that model its "
+                    "own loss module (every call of `loss_fn` is watched). No parameter was changed."
                 )
             inputs = _tensors((call.forward.args, call.forward.kwargs))
             if any(t._version != v for t, v in zip(inputs, call.forward.versions)):
@@ -352,6 +354,7 @@ class ExactCurvature:
     def release(self, params: Sequence[Tensor]) -> None:
         """Forget every recorded forward: nothing recorded outlives the step."""
         self._calls.clear()
+        self._earlier.clear()
         self._last = self._active = None
 
     # ---------------------------------------------------------------- evaluation
@@ -522,6 +525,21 @@ def _under_transform() -> bool:
     see wrapped tensors without storage, and the optimizer never needs them."""
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
+
+
+def _is_view(inp: Tensor, out: Tensor | None) -> bool:
+    """Whether ``inp`` is ``out`` itself or a reshape of it that keeps its memory layout."""
+    return (
+        out is not None
+        and _same_memory(inp, out)
+        and inp.dtype == out.dtype
+        and (
+            (inp.shape, inp.stride()) == (out.shape, out.stride())
+            or inp.numel() == out.numel()
+            and inp.is_contiguous()
+            and out.is_contiguous()
+        )
+    )
 
 
 def _same_memory(a: Tensor, b: Tensor) -> bool:
