@@ -335,3 +335,43 @@ def test_backpack_loss_with_reduction_none_says_what_to_do(curvature: str) -> No
     with pytest.raises(ValueError, match=r"returns one scalar.*reduction='none'.*Use reduction='mean' or 'sum'"):
         with backpack(opt.extension()):
             loss_fn(model(x), y).mean().backward()
+
+
+def test_exactly_the_two_known_harmless_warnings_are_silenced() -> None:
+    """In a fresh process (both warnings come once per process): a ggn-exact step and BackPACK
+    backwards raise neither, with both made errors; the same hook warning outside them still shows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import warnings
+warnings.filterwarnings("error", message="`torch.jit.script` is deprecated")
+warnings.filterwarnings("error", message="Full backward hook is firing")
+import torch
+from torch import nn
+from backpack import backpack, extend
+from quadstep import QuadraticLineSearchAdam
+x, y = torch.randn(8, 3), torch.randn(8, 2)
+model, loss_fn = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.MSELoss()
+opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
+loss_fn(model(x), y).backward()
+opt.step()
+model, loss_fn = extend(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))), extend(nn.MSELoss())
+opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn")
+for _ in range(2):
+    opt.zero_grad()
+    with backpack(opt.extension()):
+        loss_fn(model(x), y).backward()
+    opt.step()
+layer = nn.Linear(3, 2)
+layer.register_full_backward_hook(lambda *args: None)
+try:
+    layer(x).sum().backward()
+except UserWarning as warning:
+    print("still shown:", warning)
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "still shown: Full backward hook is firing" in result.stdout

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -213,6 +214,8 @@ class _Traced(ModuleExtension):
         ):
             g_inp = g_out = None
         ext.touched[id(module)] = module
+        if is_loss(module):
+            _quiet_backward()
         if is_loss(module) and ext.modules is not None:  # a backward begins: who produced which input
             outputs = [m for m in ext.modules if isinstance(getattr(m, "output", None), Tensor)]
             ext.producers = collections.defaultdict(list)
@@ -401,6 +404,31 @@ class _Traced(ModuleExtension):
             return self.derivatives.bias_jac_mat_prod(module, g_inp, g_out, d.unsqueeze(0)).clone()
 
         return _ParamProduct(product, tangent, backproped)
+
+
+#: torch's UserWarning for a full backward hook on a module none of whose inputs needs a gradient.
+FULL_BACKWARD_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
+_quiet: list[warnings.catch_warnings] = []  # the filter of the backward now running, if any
+
+
+def _quiet_backward() -> None:
+    """Silence :data:`FULL_BACKWARD_HOOK_WARNING` until the backward now running ends.
+
+    BackPACK's hooks fire it on the first layer, whose input needs no gradient: they read only
+    the gradients w.r.t. the layer's output and parameters there, so it is harmless. Called
+    when the backward reaches the loss module, before any layer.
+    """
+    if _quiet:
+        return
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()
+    warnings.filterwarnings("ignore", message=FULL_BACKWARD_HOOK_WARNING, category=UserWarning)
+    _quiet.append(quiet)
+
+    def restore() -> None:
+        _quiet.pop().__exit__(None, None, None)
+
+    torch.autograd.Variable._execution_engine.queue_callback(restore)
 
 
 class _Traceable(SecondOrderBackpropExtension):

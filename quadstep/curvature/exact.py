@@ -67,6 +67,8 @@ not to :math:`d^\top C d`.
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -172,6 +174,7 @@ class ExactCurvature:
             )
         if name == "ggn-exact":
             _check_ggn_loss(loss_fn)
+            _load_forward_ad()
         self.name = name
         self.model = model
         self.loss_fn = loss_fn
@@ -518,6 +521,17 @@ class ExactCurvature:
         if not isinstance(out, Tensor):
             raise RuntimeError(f"curvature={self.name!r} needs a model whose forward returns one tensor.")
         return out
+
+
+@functools.cache
+def _load_forward_ad() -> None:
+    """Load torch's forward-AD decompositions, as the first ``fwAD.make_dual`` would, without the
+    ``torch.jit.script`` DeprecationWarning that torch's own loading code raises (harmless: torch
+    calls its deprecated API internally)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=DeprecationWarning)
+        with fwAD.dual_level():
+            fwAD.make_dual(torch.zeros(()), torch.zeros(()))
 
 
 def _under_transform() -> bool:
