@@ -166,7 +166,7 @@ class QuadraticLineSearch(Optimizer):
 
     @staticmethod
     def _maximizing(groups: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
-        """Whether the groups maximize the loss (``maximize=True``); all must agree, or α* has no objective."""
+        """Whether the groups maximize the loss (``maximize=True``); all must agree (one objective)."""
         flags = {bool(group.get("maximize", False)) for group, ps in groups if ps}
         if len(flags) > 1:
             raise ValueError(
@@ -282,11 +282,17 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
 
     :math:`\alpha^*` is defined when :math:`d^\top g < 0`, :math:`d^\top C d > 0` and both are
     finite. With ``maximize=True`` the objective is :math:`-L`: :math:`g` and :math:`C` are
-    replaced by :math:`-g` and :math:`-C` everywhere, records included. A gradient with NaN/Inf leaves parameters and moments untouched. Every
-    step appends a :class:`~quadstep.records.StepRecord` to :attr:`history`.
+    replaced by :math:`-g` and :math:`-C` everywhere, records included. A gradient with
+    NaN/Inf leaves parameters and moments untouched. Every step appends a
+    :class:`~quadstep.records.StepRecord` to :attr:`history`.
 
-    With ``mode="observe"`` the steps are exactly those of :class:`torch.optim.Adam`
-    (``weight_decay=0``) or :class:`torch.optim.AdamW`, and :math:`\alpha^*` is only recorded.
+    With ``mode="observe"`` the steps are those of :class:`torch.optim.Adam`
+    (``weight_decay=0``) or :class:`torch.optim.AdamW` with the same arguments, to float
+    rounding, and :math:`\alpha^*` is only recorded: from the same parameters, gradients and
+    state, every entry of the parameters after a step differs from torch's by at most
+    :math:`4\,\epsilon_\text{mach}(|\theta| + \mathrm{lr})` (a different order of operations:
+    torch's fused Adam kernel forms d, then :math:`\theta + \mathrm{lr}\cdot d`). Runs are not
+    bit-identical, and a chaotic run amplifies these differences over many steps.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.

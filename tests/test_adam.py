@@ -401,7 +401,7 @@ def test_mixed_maximize_groups_are_refused_before_anything_changes() -> None:
 
 
 def test_checkpoint_without_the_torch_adam_flags_loads() -> None:
-    """A state_dict saved before amsgrad/maximize/... existed: the defaults fill in (torch.optim's setdefault)."""
+    """A state_dict saved before amsgrad, maximize, ... existed: the defaults fill in (setdefault)."""
     model = mlp()
     loss_fn = nn.MSELoss()
     opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
@@ -415,3 +415,36 @@ def test_checkpoint_without_the_torch_adam_flags_loads() -> None:
     loss_fn(model(x), y).backward()
     opt.step()
     assert len(opt.history) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 0.1, "amsgrad": True}, {"maximize": True}])
+def test_observe_step_is_torchs_step_to_rounding(dtype: torch.dtype, kwargs: dict, adam_kernel: str) -> None:
+    """What the docstring promises, step by step: from the same parameters, gradients and state,
+    every entry after an observe-mode step is within 4·eps·(|θ| + lr) of torch.optim.Adam/AdamW's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    loss_fn = nn.MSELoss()
+    lr = 1e-2
+    opt = QuadraticLineSearchAdam(
+        model.parameters(), lr=lr, **kwargs, curvature="ggn-exact", mode="observe", model=model,
+        loss_fn=loss_fn,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    eps = torch.finfo(dtype).eps
+    for _ in range(20):
+        x, y = torch.randn(8, 4, generator=gen, dtype=dtype), torch.randn(8, 3, generator=gen, dtype=dtype)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        params = list(model.parameters())
+        twins = [nn.Parameter(p.detach().clone()) for p in params]
+        reference = _torch_reference(twins, {"lr": lr, **kwargs})
+        for p, twin in zip(params, twins):
+            twin.grad = p.grad.clone()
+            if opt.state[p]:
+                reference.state[twin] = {k: v.clone() for k, v in opt.state[p].items()}
+        reference.step()
+        opt.step()
+        for p, twin in zip(params, twins):
+            bound = 4 * eps * (twin.detach().abs() + lr)  # |θ| after the step: the same to rounding
+            assert ((p.detach() - twin.detach()).abs() <= bound).all()

@@ -48,7 +48,7 @@ def assert_unchanged(model: nn.Module, before: list[torch.Tensor]) -> None:
         ({"mode": "fast"}, r"Invalid mode: 'fast' \(choose one of 'scale', 'observe'\)"),
         ({"alpha_min": -1.0}, r"Invalid alpha_min: -1.0"),
         ({"alpha_min": 0.5, "alpha_max": 0.1}, r"alpha_min=0.5 > alpha_max=0.1"),
-        ({"alpha_max": math.nan}, r"Invalid alpha_max: nan \(must be a number >= alpha_min; math.inf disables"),
+        ({"alpha_max": math.nan}, r"Invalid alpha_max: nan \(must be a number >= alpha_min; math.inf"),
         ({"history_size": 0}, r"Invalid history_size: 0"),
     ],
 )
@@ -305,7 +305,8 @@ def test_unsupported_custom_layer_points_to_the_converter() -> None:
     loss_fn = extend(nn.MSELoss())
     opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn")
     x, y = data()
-    with pytest.raises(NotImplementedError, match=r"cannot handle layer _Scale.*extend\(model, use_converter=True\)"):
+    message = r"cannot handle layer _Scale.*extend\(model, use_converter=True\)"
+    with pytest.raises(NotImplementedError, match=message):
         with backpack(opt.extension()):
             loss_fn(model(x), y).backward()
 
@@ -314,12 +315,13 @@ def test_unsupported_custom_layer_points_to_the_converter() -> None:
 def test_backpack_parameter_outside_the_model_is_named(given: bool) -> None:
     model, loss_fn = model_and_loss()
     extra = nn.Parameter(torch.zeros(2))
-    opt = QuadraticLineSearchAdam([*model.parameters(), extra], curvature="ggn", model=model if given else None)
+    params = [*model.parameters(), extra]
+    opt = QuadraticLineSearchAdam(params, curvature="ggn", model=model if given else None)
     x, y = data()
     with backpack(opt.extension()):
         (loss_fn(model(x), y) + extra.square().sum()).backward()
     before = snapshot(model)
-    message = "are not parameters of `model`" if given else "A parameter outside the extended model never gets one"
+    message = "are not parameters of `model`" if given else "A parameter outside the extended model never"
     with pytest.raises(RuntimeError, match=message):
         opt.step()
     assert_unchanged(model, before)
@@ -332,7 +334,7 @@ def test_backpack_loss_with_reduction_none_says_what_to_do(curvature: str) -> No
     loss_fn = extend(nn.MSELoss(reduction="none"))
     opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature)
     x, y = data()
-    with pytest.raises(ValueError, match=r"returns one scalar.*reduction='none'.*Use reduction='mean' or 'sum'"):
+    with pytest.raises(ValueError, match=r"returns one scalar.*reduction='none'.*Use reduction='mean'"):
         with backpack(opt.extension()):
             loss_fn(model(x), y).mean().backward()
 
@@ -372,6 +374,8 @@ except UserWarning as warning:
     print("still shown:", warning)
 """
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "still shown: Full backward hook is firing" in result.stdout

@@ -682,7 +682,9 @@ def test_module_registered_under_two_names(curvature: str, kind: str) -> None:
     params = list(model.parameters())
     twin = copy.deepcopy(model)
     loss_fn = nn.MSELoss()
-    opt = QuadraticLineSearchAdam(params, lr=1e-2, curvature=curvature, mode="observe", model=model, loss_fn=loss_fn)
+    opt = QuadraticLineSearchAdam(
+        params, lr=1e-2, curvature=curvature, mode="observe", model=model, loss_fn=loss_fn
+    )
     adam = torch.optim.Adam(twin.parameters(), lr=1e-2)
     shapes = [p.shape for p in params]
     for step in range(3):
@@ -706,8 +708,10 @@ def test_module_registered_under_two_names(curvature: str, kind: str) -> None:
             hessian = torch.autograd.functional.hessian(lambda f: loss_fn(out_of(f), y), theta)
             jd = torch.autograd.functional.jvp(out_of, theta, d)[1].reshape(-1)
             z = out_of(theta).detach()
-            loss_hessian = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), z).reshape(z.numel(), -1)
-            expected = float(d @ hessian @ d) if curvature == "hessian-exact" else float(jd @ loss_hessian @ jd)
+            loss_hessian = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), z)
+            loss_hessian = loss_hessian.reshape(z.numel(), -1)
+            dgd = float(jd @ loss_hessian @ jd)
+            expected = float(d @ hessian @ d) if curvature == "hessian-exact" else dgd
             assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
         assert all(type(t) is nn.Parameter for m in model.modules() for t in m._parameters.values())
         assert all(p is q for p, q in zip(model.parameters(), params))
@@ -716,7 +720,9 @@ def test_module_registered_under_two_names(curvature: str, kind: str) -> None:
 
 
 @pytest.mark.parametrize("curvature", EXACT)
-@pytest.mark.parametrize("how, kind", [("torch.compile", "tanh"), ("torch.compile", "residual"), ("Module.compile", "residual")])
+@pytest.mark.parametrize(
+    "how, kind", [("torch.compile", "tanh"), ("torch.compile", "residual"), ("Module.compile", "residual")]
+)
 def test_compiled_model(curvature: str, how: str, kind: str) -> None:
     """A compiled model (aot_autograd: no forward-mode AD, no double backward): the curvature's
     passes run eagerly and give the values of the autograd references."""
@@ -763,7 +769,9 @@ def test_torch_func_transforms_pass_through_the_hooks(curvature: str) -> None:
     reference = copy.deepcopy(model)
     x, y = _data("residual", "ce")
     loss_fn = nn.CrossEntropyLoss()
-    opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature, mode="observe", model=model, loss_fn=loss_fn)
+    opt = QuadraticLineSearchAdam(
+        model.parameters(), curvature=curvature, mode="observe", model=model, loss_fn=loss_fn
+    )
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss_one(ps: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
@@ -789,7 +797,7 @@ def test_torch_func_transforms_pass_through_the_hooks(curvature: str) -> None:
 
 
 class _Attention(nn.Module):
-    """Self-attention (``need_weights=False``: scaled_dot_product_attention), then a Linear, averaged over time."""
+    """Self-attention (``need_weights=False``: scaled_dot_product_attention), a Linear, a mean over time."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -832,7 +840,8 @@ def test_multihead_attention_against_the_attention_written_out(curvature: str, t
     hessian = torch.autograd.functional.hessian(lambda f: F.cross_entropy(out_of(f), y), theta)
     jd = torch.autograd.functional.jvp(out_of, theta, d)[1].reshape(-1)
     z = out_of(theta).detach()
-    loss_hessian = torch.autograd.functional.hessian(lambda o: F.cross_entropy(o, y), z).reshape(z.numel(), -1)
+    loss_hessian = torch.autograd.functional.hessian(lambda o: F.cross_entropy(o, y), z)
+    loss_hessian = loss_hessian.reshape(z.numel(), -1)
     expected = float(d @ hessian @ d) if curvature == "hessian-exact" else float(jd @ loss_hessian @ jd)
     assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
     assert torch.backends.mha.get_fastpath_enabled()
@@ -873,7 +882,9 @@ def test_loss_on_an_earlier_forwards_output(curvature: str) -> None:
     reference = copy.deepcopy(model)
     x1, y1 = _data("tanh", "ce", seed=1)
     x2, _ = _data("tanh", "ce", seed=2)
-    opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature, mode="observe", model=model, loss_fn=loss_fn)
+    opt = QuadraticLineSearchAdam(
+        model.parameters(), curvature=curvature, mode="observe", model=model, loss_fn=loss_fn
+    )
     out1 = model(x1)
     out2 = model(x2)  # e.g. a forward for a metric, with grad enabled
     loss_fn(out1, y1).backward()

@@ -407,7 +407,9 @@ class _Traced(ModuleExtension):
 
 
 #: torch's UserWarning for a full backward hook on a module none of whose inputs needs a gradient.
-FULL_BACKWARD_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
+FULL_BACKWARD_HOOK_WARNING = (
+    "Full backward hook is firing when gradients are computed with respect to module outputs"
+)
 _quiet: list[warnings.catch_warnings] = []  # the filter of the backward now running, if any
 
 
@@ -609,8 +611,8 @@ class BackpackCurvature:
             foreign = [params[i] for i in missing if params[i] not in own]
             if foreign:
                 raise RuntimeError(
-                    f"curvature={self.name!r}: {len(foreign)} parameter(s) with a gradient (e.g. one of shape "
-                    f"{tuple(foreign[0].shape)}) are not parameters of `model`, the model given to the "
+                    f"curvature={self.name!r}: {len(foreign)} parameter(s) with a gradient (e.g. one of "
+                    f"shape {tuple(foreign[0].shape)}) are not parameters of `model`, the model given to the "
                     "optimizer, so BackPACK computes no curvature for them. Give the optimizer only the "
                     "model's parameters (a term of the loss outside the model, e.g. a learned temperature, "
                     "belongs in the model). No parameter was changed."

@@ -274,14 +274,15 @@ class ExactCurvature:
         ):
             return
         inp = args[0]
-        # The last forward's output, else that of an earlier one (out1 = model(x1); out2 = model(x2); loss(out1)).
+        # The last forward's output, else an earlier one's: out1 = model(x1); out2 = model(x2); loss(out1).
         earlier = [f for r, f in reversed(self._earlier) if r() is not None and f is not forward]
         is_view = False
         for candidate in [forward, *earlier]:
             if _is_view(inp, candidate.output):
                 forward, is_view = candidate, True
                 break
-        call = _LossCall(forward, inp.detach(), _detach(args[1:]), _detach(kwargs), is_view, weakref.ref(output))
+        rest, kw = _detach(args[1:]), _detach(kwargs)
+        call = _LossCall(forward, inp.detach(), rest, kw, is_view, weakref.ref(output))
         self._calls.append(call)
         call_ref = weakref.ref(call)
 
@@ -324,9 +325,9 @@ class ExactCurvature:
             if not call.is_view:
                 raise RuntimeError(
                     f"curvature={self.name!r}: `loss_fn` was called on a tensor (shape "
-                    f"{tuple(call.input.shape)}) that is neither the output of a forward of `model` since the "
-                    f"last step (the last one has shape {tuple(call.forward.output.shape)}) nor a reshape of "
-                    "one. If it is computed from the model's output, move that computation into the "
+                    f"{tuple(call.input.shape)}) that is neither the output of a forward of `model` since "
+                    f"the last step (the last one has shape {tuple(call.forward.output.shape)}) nor a "
+                    "reshape of one. If it is computed from the model's output, move that computation into the "
                     "model's forward, so that the loss is called as `loss_fn(model(x), y)` or "
                     "`loss_fn(model(x).view(...), y)`; if it is the output of a forward before the last "
                     "step(), run the forward again; if it is another model's output, give that model its "
@@ -529,7 +530,9 @@ def _load_forward_ad() -> None:
     ``torch.jit.script`` DeprecationWarning that torch's own loading code raises (harmless: torch
     calls its deprecated API internally)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"`torch.jit.script` is deprecated", category=DeprecationWarning
+        )
         with fwAD.dual_level():
             fwAD.make_dual(torch.zeros(()), torch.zeros(()))
 
