@@ -184,8 +184,8 @@ class QuadraticLineSearch(Optimizer):
             raise ValueError(
                 f"{type(self).__name__} does not support complex parameters (got one of dtype "
                 f"{complex_params[0].dtype} and shape {tuple(complex_params[0].shape)}): the quadratic "
-                "model needs real dᵀg and dᵀCd. Optimise torch.view_as_real(p) of a real parameter instead, "
-                "e.g. store p as real and use torch.view_as_complex(p) in the forward."
+                "model needs real dᵀg and dᵀCd. Store it as a real parameter, "
+                "p = nn.Parameter(torch.view_as_real(z)), and use torch.view_as_complex(p) in the forward."
             )
 
     def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
