@@ -41,26 +41,35 @@ def adam(
     .. math::
         m_t = \beta_1 m_{t-1} + (1-\beta_1) g, \qquad
         v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2, \\
-        d = -\frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
+        d = -\frac{m_t / (1-\beta_1^t)}{\sqrt{\hat v_t / (1-\beta_2^t)} + \epsilon}
+
+    with :math:`\hat v_t = v_t`, or with ``group["amsgrad"]`` its running maximum
+    :math:`\hat v_t = \max(\hat v_{t-1}, v_t)` (``state["max_exp_avg_sq"]``). With
+    ``group["maximize"]``, :math:`g` is replaced by :math:`-g`: d ascends. As in
+    :class:`torch.optim.Adam`.
 
     ``t`` is Adam's own step count, stored as ``state["step"]`` (a tensor, as in
     :class:`torch.optim.Adam`) and incremented here, once per step, never elsewhere.
 
     Runs torch's fused Adam kernel (one pass) where it exists and every tensor is
     contiguous and not fp16 (:data:`FUSED_DEVICES`), else the tensor ops below: the same
-    d, m and v up to rounding.
+    d, m and v up to rounding. ``group["fused"]`` False always runs the tensor ops, True
+    runs the kernel on fp16 too.
     """
     beta1, beta2 = group["betas"]
     eps = group["eps"]
+    amsgrad, maximize, fused = group.get("amsgrad", False), group.get("maximize", False), group.get("fused")
     for p, state in zip(params, states):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     steps = [s["step"] for s in states]
     # A list: _foreach_add_ with one 0-dim tensor reads its value on the host (a sync on a GPU).
     torch._foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
-    if all(_fusable(g, s) for g, s in zip(grads, states)):
+    if fused is not False and all(_fusable(g, s, amsgrad, fp16=bool(fused)) for g, s in zip(grads, states)):
         return _adam_fused(group, grads, states, finite)
     # Bias corrections in float64: 1 - 0.999**t in float32 is off by 1e-5 at t = 1. A skipped
     # first step keeps t = 0; clamping it to 1 gives d = 0 from m = 0.
@@ -82,8 +91,12 @@ def adam(
             cast[m.dtype] = list(scalars.to(m.dtype).unbind())
         c = cast[m.dtype]
         d = _guarded(g, c[0])  # the one new tensor: first g, then d
+        if maximize:
+            d.neg_()
         m.lerp_(d, c[1])
         v.mul_(c[2]).addcmul_(d, d, value=1 - beta2)
+        if amsgrad:  # unchanged for a non-finite g: v is, and the maximum already holds it
+            v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
         torch.sqrt(v, out=d)
         d.mul_(c[3 + i]).add_(c[3 + n + i])
         d = torch.div(m, d, out=d).mul_(c[0])  # 0 for a non-finite g, as from the fused kernel
@@ -104,17 +117,15 @@ def _fused_devices() -> frozenset[str]:
 FUSED_DEVICES = _fused_devices()
 
 
-def _fusable(g: Tensor, state: dict[str, Any]) -> bool:
-    m, v = state["exp_avg"], state["exp_avg_sq"]
+def _fusable(g: Tensor, state: dict[str, Any], amsgrad: bool = False, fp16: bool = False) -> bool:
+    moments = [state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
     return (
         g.device.type in FUSED_DEVICES
-        # Not fp16: where (1-β2)·g² underflows to v = 0, the kernel divides by its float32 eps
-        # (|d| ~ |g| / 1e-8); the tensor ops divide by fp16's eps, 0, and zero those entries.
-        and g.dtype != torch.float16
-        and g.dtype == m.dtype == v.dtype
+        # Not fp16 unless asked: where (1-β2)·g² underflows to v = 0, the kernel divides by its
+        # float32 eps (|d| ~ |g| / 1e-8); the tensor ops divide by fp16's eps, 0, and zero those entries.
+        and (fp16 or g.dtype != torch.float16)
+        and all(g.dtype == m.dtype and m.is_contiguous() for m in moments)
         and g.is_contiguous()
-        and m.is_contiguous()
-        and v.is_contiguous()
     )
 
 
@@ -126,6 +137,7 @@ def _adam_fused(
     non-finite g) the kernel changes nothing: m and v stay as they were and ``d = 0``.
     """
     beta1, beta2 = group["betas"]
+    amsgrad = group.get("amsgrad", False)
     ds = [torch.zeros_like(g) for g in grads]
     not_finite = (~finite).to(torch.float32)
     by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -137,15 +149,15 @@ def _adam_fused(
             [grads[i] for i in idx],
             [states[i]["exp_avg"] for i in idx],
             [states[i]["exp_avg_sq"] for i in idx],
-            [],
+            [states[i]["max_exp_avg_sq"] for i in idx] if amsgrad else [],
             [states[i]["step"] for i in idx],
             lr=1.0,
             beta1=beta1,
             beta2=beta2,
             weight_decay=0.0,
             eps=group["eps"],
-            amsgrad=False,
-            maximize=False,
+            amsgrad=amsgrad,
+            maximize=group.get("maximize", False),
             found_inf=not_finite.to(device),
         )
     return ds

@@ -144,6 +144,7 @@ class QuadraticLineSearch(Optimizer):
         sets = self._queried(t)
         if self._checks(t):
             self._curvature.check_ready(params)  # raises before any state changes
+        maximize = self._maximizing(groups)
         saved = None
         try:
             # Along d_{t-1} alone the curvature is queried (and its products freed) before any state
@@ -155,7 +156,7 @@ class QuadraticLineSearch(Optimizer):
             ds, grad_sq = self._directions(groups, self.state.__getitem__)
             if forms is None:
                 forms = self._query(params, ds, sets)
-            measured, blocks = self._measurement(params, ds, grad_sq, forms)
+            measured, blocks = self._measurement(params, ds, grad_sq, forms, maximize)
             proposals, policy_states = self._propose(measured)
             alphas, per_param, shrinks, rule = self._step_sizes(groups, measured, proposals[0], blocks)
             record = self._record(t, measured, proposals, alphas, rule)
@@ -204,17 +205,23 @@ class QuadraticLineSearch(Optimizer):
         return {name: part if name == "blocks" else part.sum() for name, part in zip(sets, parts)}
 
     def _measurement(
-        self, params: list[Tensor], ds: list[Tensor], grad_sq: Tensor, forms: dict[str, Tensor]
+        self, params: list[Tensor], ds: list[Tensor], grad_sq: Tensor, forms: dict[str, Tensor], maximize: bool
     ) -> tuple[Measurement, tuple[Tensor, Tensor] | None]:
-        """What the policies are given: dᵀg, the forms queried, the lagged slope and step size."""
+        """What the policies are given: dᵀg, the forms queried, the lagged slope and step size; with
+        ``maximize`` those of the objective -L (gradient -g, curvature -C)."""
+        if maximize:
+            forms = {name: -value for name, value in forms.items()}
+            params_grads = [-p.grad for p in params]
+        else:
+            params_grads = [p.grad for p in params]
         device = grad_sq.device
-        block_dg = stack_on([dot(d, p.grad) for d, p in zip(ds, params)], device)
+        block_dg = stack_on([dot(d, g) for d, g in zip(ds, params_grads)], device)
         nan = torch.full_like(grad_sq, math.nan)
         lagged = "previous" in forms
         slope, previous_alpha = nan, nan
         if lagged:
             previous = [self._previous[p] for p in params]
-            slope = stack_on([dot(v, p.grad) for v, p in zip(previous, params)], device).sum()
+            slope = stack_on([dot(v, g) for v, g in zip(previous, params_grads)], device).sum()
             previous_alpha = self._previous_alpha if self._previous_alpha is not None else nan
         measured = Measurement(
             block_dg.sum(),
@@ -331,6 +338,30 @@ class QuadraticLineSearch(Optimizer):
         self._previous = dict(zip(params, ds)) if self._lagged and self.measures(t + 1) else {}
         self._steps = t
         self.history.append(record)
+
+    @staticmethod
+    def _maximizing(groups: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        """Whether the groups maximize the loss (``maximize=True``); all must agree (one objective)."""
+        flags = {bool(group.get("maximize", False)) for group, ps in groups if ps}
+        if len(flags) > 1:
+            raise ValueError(
+                "maximize must be the same in every parameter group: the step size is chosen for one "
+                "objective, L or -L. No parameter was changed."
+            )
+        return flags == {True}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """:meth:`torch.optim.Optimizer.add_param_group`, refusing complex parameters."""
+        super().add_param_group(param_group)
+        complex_params = [p for p in self.param_groups[-1]["params"] if p.is_complex()]
+        if complex_params:
+            self.param_groups.pop()
+            raise ValueError(
+                f"{type(self).__name__} does not support complex parameters (got one of dtype "
+                f"{complex_params[0].dtype} and shape {tuple(complex_params[0].shape)}): the quadratic "
+                "model needs real dᵀg and dᵀCd. Store it as a real parameter, "
+                "p = nn.Parameter(torch.view_as_real(z)), and use torch.view_as_complex(p) in the forward."
+            )
 
     def _groups_with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Each param group with its parameters that have a (dense) gradient."""
@@ -461,7 +492,8 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
     .. math::
         m_t &= \beta_1 m_{t-1} + (1-\beta_1) g, \qquad
         v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2 \\
-        d &= -\frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} \\
+        d &= -\frac{m_t/(1-\beta_1^t)}{\sqrt{\hat v_t/(1-\beta_2^t)} + \epsilon}, \qquad
+        \hat v_t = v_t \text{ or, with amsgrad, } \max(\hat v_{t-1}, v_t) \\
         \alpha^* &= -\frac{d^\top g}{d^\top C d} \\
         \theta &\leftarrow (1 - \mathrm{lr}\cdot\lambda)\,\theta + \alpha\, d, \qquad
         \alpha = \begin{cases}
@@ -470,20 +502,39 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         \end{cases}
 
     :math:`\alpha^*` is defined when :math:`d^\top g < 0`, :math:`d^\top C d > 0` and both are
-    finite. A gradient with NaN/Inf leaves parameters and moments untouched. Every
-    step appends a :class:`~quadstep.records.StepRecord` to :attr:`history`.
+    finite. With ``maximize=True`` the objective is :math:`-L`: :math:`g` and :math:`C` are
+    replaced by :math:`-g` and :math:`-C` everywhere, records included. A gradient with
+    NaN/Inf leaves parameters and moments untouched. Every step appends a
+    :class:`~quadstep.records.StepRecord` to :attr:`history`.
 
-    With ``mode="observe"`` the steps are exactly those of :class:`torch.optim.Adam`
-    (``weight_decay=0``) or :class:`torch.optim.AdamW`, and :math:`\alpha^*` is only recorded.
+    With ``mode="observe"`` the steps are those of :class:`torch.optim.Adam`
+    (``weight_decay=0``) or :class:`torch.optim.AdamW` with the same arguments, to float
+    rounding, and :math:`\alpha^*` is only recorded: from the same parameters, gradients and
+    state, every entry of the parameters after a step differs from torch's by at most
+    :math:`4\,\epsilon_\text{mach}(|\theta| + \mathrm{lr})` (a different order of operations:
+    torch's fused Adam kernel forms d, then :math:`\theta + \mathrm{lr}\cdot d`). Runs are not
+    bit-identical, and a chaotic run amplifies these differences over many steps.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate; in scale mode used only where alpha* is undefined, and
             for weight decay (default: 1e-3).
-        betas: coefficients of the running averages of g and g² (default: (0.9, 0.999)).
+        betas: the two coefficients of the running averages of g and g², floats or 1-element
+            tensors (default: (0.9, 0.999)).
         eps: added to the denominator; must be > 0, or d is 0/0 for a
             gradient entry that was always zero (default: 1e-8).
         weight_decay: decoupled weight decay λ, as in AdamW (default: 0).
+        amsgrad: use the running maximum of v in d, as ``torch.optim.Adam(amsgrad=True)``
+            (default: False).
+        foreach: only None or False: there is no foreach path (default: None).
+        maximize: maximize the loss, as ``torch.optim.Adam(maximize=True)``; the same in
+            every parameter group (default: False).
+        capturable: only False: ``step()`` is not made for CUDA-graph capture; it issues no
+            host synchronisation anyway (default: False).
+        differentiable: only False: ``step()`` is not differentiable (default: False).
+        fused: None runs torch's fused Adam kernel for d where it exists (CPU, CUDA) and
+            per-tensor ops elsewhere and for fp16; True requires the kernel (fp16 included),
+            False always runs the per-tensor ops (default: None).
         curvature: ``"hessian"`` (BackPACK HMP), ``"ggn"`` (GGNMP), ``"pch-clip"`` or
             ``"pch-abs"`` (PCHMP with modify clip/abs): block-diagonal, need ``extend()``
             and the BackPACK context; ``"ggn-exact"`` or ``"hessian-exact"``: the full
@@ -544,7 +595,13 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         curvature: str = "hessian",
         mode: str = "scale",
         step_size: str | StepSizePolicy = DEFAULT_STEP_SIZE,
@@ -558,12 +615,38 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
     ) -> None:
         if not 0.0 < eps:
             raise ValueError(f"Invalid epsilon value: {eps} (must be > 0)")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+        betas = _adam_betas(betas)
+        if foreach:
+            raise ValueError(
+                "foreach=True is not supported: Adam's direction runs torch's fused kernel where it "
+                "exists (fused=None, the default, or fused=True) and per-tensor ops elsewhere (fused=False); "
+                "pass foreach=None."
+            )
+        if capturable:
+            raise ValueError(
+                "capturable=True is not supported: step() is not made for CUDA-graph capture. It already "
+                "issues no host synchronisation and keeps state['step'] on the parameters' device; pass "
+                "capturable=False."
+            )
+        if differentiable:
+            raise ValueError(
+                "differentiable=True is not supported: step() runs under torch.no_grad() and picks its step "
+                "size by comparisons, so nothing in it can be differentiated; pass differentiable=False."
+            )
         super().__init__(
             params,
-            dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=bool(amsgrad),
+                maximize=bool(maximize),
+                foreach=foreach,
+                capturable=False,
+                differentiable=False,
+                fused=fused,
+            ),
             curvature=curvature,
             mode=mode,
             step_size=step_size,
@@ -575,6 +658,45 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
             loss_fn=loss_fn,
             per_block=per_block,
         )
+        if fused:
+            unfusable = [
+                p for g in self.param_groups for p in g["params"]
+                if p.device.type not in directions.FUSED_DEVICES or not p.is_floating_point()
+            ]  # fmt: skip
+            if unfusable:
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                    f"{sorted(directions.FUSED_DEVICES)} (one of dtype {unfusable[0].dtype} is on "
+                    f"{unfusable[0].device}); pass fused=None to use the kernel where it exists."
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _ADAM_FLAGS.items():
+                group.setdefault(key, value)
+
+
+#: The options of torch.optim.Adam beyond lr, betas, eps and weight_decay, with their defaults.
+_ADAM_FLAGS: dict[str, Any] = dict(
+    amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None
+)
+
+
+def _adam_betas(betas: Any) -> tuple[float, float]:
+    """``betas`` validated as :class:`torch.optim.Adam` does, as two floats."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(
+            f"Invalid betas: {betas!r} (need two coefficients, betas=(beta1, beta2), e.g. (0.9, 0.999))"
+        )
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    return float(betas[0]), float(betas[1])
 
 
 class QuadraticLineSearchSGD(QuadraticLineSearch):

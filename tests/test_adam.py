@@ -267,3 +267,184 @@ def test_resume_from_checkpoint_continues_like_uninterrupted_run(mode: str, adam
 
     torch.testing.assert_close(flat_params(resumed), flat_params(full), rtol=0, atol=0)
     assert [r.as_dict() for r in opt_resumed.history] == [r.as_dict() for r in opt_full.history]
+
+
+def _common_optimizers():  # noqa: ANN202
+    """torch's optimizer test inputs (importing them needs the test-only package ``expecttest``)."""
+    return pytest.importorskip("torch.testing._internal.common_optimizers", reason="needs `expecttest`")
+
+
+def _torch_reference(params, kwargs: dict) -> torch.optim.Optimizer:  # noqa: ANN001
+    """torch.optim.Adam for weight_decay = 0, else AdamW (quadstep's decay is decoupled)."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "fused"}
+    return (torch.optim.AdamW if kwargs.get("weight_decay", 0) else torch.optim.Adam)(params, **kwargs)
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["fused-kernel", "tensor-ops"])
+def test_torch_adam_inputs_in_observe_mode(fused: bool | None) -> None:
+    """Every input of torch's own Adam tests (``optim_inputs_func_adam``: amsgrad, maximize, weight
+    decay, lr): 10 steps in observe mode follow torch.optim.Adam/AdamW, and p.grad is left as it was."""
+    inputs = _common_optimizers().optim_inputs_func_adam("cpu", DT)
+    assert {"amsgrad", "maximize"} <= {k for i in inputs for k in i.kwargs}
+    for optim_input in inputs:
+        model, twin = mlp(), mlp()
+        loss_fn = nn.MSELoss()
+        kwargs = dict(optim_input.kwargs)
+        opt = QuadraticLineSearchAdam(
+            model.parameters(), **kwargs, fused=fused, curvature="ggn-exact", mode="observe", model=model,
+            loss_fn=loss_fn,
+        )  # fmt: skip
+        reference = _torch_reference(twin.parameters(), kwargs)
+        for x, y in batches(10):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            opt.step()
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+            reference.zero_grad()
+            nn.functional.mse_loss(twin(x), y).backward()
+            reference.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-14, msg=optim_input.desc)
+        if kwargs.get("amsgrad"):
+            for p, q in zip(model.parameters(), twin.parameters()):
+                torch.testing.assert_close(
+                    opt.state[p]["max_exp_avg_sq"], reference.state[q]["max_exp_avg_sq"], rtol=0, atol=1e-16
+                )
+
+
+def test_torch_adam_error_inputs() -> None:
+    """torch's own Adam error inputs raise torch's errors at construction; those that set foreach=True
+    get quadstep's answer (there is no foreach path)."""
+    common_optimizers = _common_optimizers()
+    error_inputs = common_optimizers.optim_error_inputs_func_adam("cpu", DT)
+    assert error_inputs
+    for error_input in error_inputs:
+        optim_input = error_input.optimizer_error_input
+        assert error_input.error_on == common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR
+        params = optim_input.params
+        if params is None:
+            params = [nn.Parameter(torch.randn(2, 2, dtype=DT))]
+        if optim_input.kwargs.get("foreach"):
+            error_type, regex = ValueError, "foreach=True is not supported"
+        else:
+            error_type, regex = error_input.error_type, error_input.error_regex
+        if issubclass(error_type, Warning):
+            with pytest.warns(error_type, match=regex):
+                QuadraticLineSearchAdam(params, **optim_input.kwargs)
+        else:
+            with pytest.raises(error_type, match=regex):
+                QuadraticLineSearchAdam(params, **optim_input.kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"foreach": True}, ValueError, r"foreach=True is not supported.*pass foreach=None"),
+        ({"capturable": True}, ValueError, r"capturable=True is not supported.*pass capturable=False"),
+        ({"differentiable": True}, ValueError, r"differentiable=True is not supported"),
+        ({"fused": True, "device": "meta"}, RuntimeError, r"`fused=True` requires all the params.*meta"),
+    ],
+)
+def test_torch_adam_flags_get_a_clear_answer(kwargs: dict, error: type, message: str) -> None:
+    device = kwargs.pop("device", "cpu")
+    with pytest.raises(error, match=message):
+        QuadraticLineSearchAdam([nn.Parameter(torch.zeros(2, device=device))], **kwargs)
+
+
+def test_foreach_false_and_fused_true_are_accepted() -> None:
+    QuadraticLineSearchAdam([nn.Parameter(torch.zeros(2))], foreach=False, fused=True, capturable=False)
+
+
+class _Negated(nn.Module):
+    """-MSE: maximising it is minimising the MSE."""
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -nn.functional.mse_loss(output, target)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_maximize_in_scale_mode_is_minimising_the_negated_loss(amsgrad: bool, adam_kernel: str) -> None:
+    """maximize=True on -L takes, in scale mode, the steps (alpha* included) of minimising L."""
+    runs = {}
+    for maximize in (False, True):
+        model = mlp()
+        loss_fn = _Negated() if maximize else nn.MSELoss()
+        opt = QuadraticLineSearchAdam(
+            model.parameters(), lr=1e-2, amsgrad=amsgrad, maximize=maximize, curvature="hessian-exact",
+            model=model, loss_fn=loss_fn, alpha_max=math.inf,
+        )  # fmt: skip
+        for x, y in batches(8):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        runs[maximize] = (flat_params(model), opt.history.columns())
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=1e-14)
+    assert runs[True][1]["status"] == runs[False][1]["status"] and "ok" in runs[True][1]["status"]
+    for column in ("alpha_star", "dg", "dHd"):
+        torch.testing.assert_close(
+            torch.tensor(runs[True][1][column]), torch.tensor(runs[False][1][column]), rtol=1e-12, atol=0
+        )
+
+
+def test_mixed_maximize_groups_are_refused_before_anything_changes() -> None:
+    model = mlp()
+    loss_fn = nn.MSELoss()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "maximize": True}]
+    opt = QuadraticLineSearchAdam(groups, curvature="ggn-exact", model=model, loss_fn=loss_fn)
+    x, y = batches(1)[0]
+    loss_fn(model(x), y).backward()
+    before = flat_params(model)
+    with pytest.raises(ValueError, match="maximize must be the same in every parameter group"):
+        opt.step()
+    assert torch.equal(flat_params(model), before) and not opt.state and len(opt.history) == 0
+
+
+def test_checkpoint_without_the_torch_adam_flags_loads() -> None:
+    """A state_dict saved before amsgrad, maximize, ... existed: the defaults fill in (setdefault)."""
+    model = mlp()
+    loss_fn = nn.MSELoss()
+    opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        for key in ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"):
+            del group[key]
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["amsgrad"] is False and opt.param_groups[0]["fused"] is None
+    x, y = batches(1)[0]
+    loss_fn(model(x), y).backward()
+    opt.step()
+    assert len(opt.history) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 0.1, "amsgrad": True}, {"maximize": True}])
+def test_observe_step_is_torchs_step_to_rounding(dtype: torch.dtype, kwargs: dict, adam_kernel: str) -> None:
+    """What the docstring promises, step by step: from the same parameters, gradients and state,
+    every entry after an observe-mode step is within 4·eps·(|θ| + lr) of torch.optim.Adam/AdamW's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    loss_fn = nn.MSELoss()
+    lr = 1e-2
+    opt = QuadraticLineSearchAdam(
+        model.parameters(), lr=lr, **kwargs, curvature="ggn-exact", mode="observe", model=model,
+        loss_fn=loss_fn,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    eps = torch.finfo(dtype).eps
+    for _ in range(20):
+        x, y = torch.randn(8, 4, generator=gen, dtype=dtype), torch.randn(8, 3, generator=gen, dtype=dtype)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        params = list(model.parameters())
+        twins = [nn.Parameter(p.detach().clone()) for p in params]
+        reference = _torch_reference(twins, {"lr": lr, **kwargs})
+        for p, twin in zip(params, twins):
+            twin.grad = p.grad.clone()
+            if opt.state[p]:
+                reference.state[twin] = {k: v.clone() for k, v in opt.state[p].items()}
+        reference.step()
+        opt.step()
+        for p, twin in zip(params, twins):
+            bound = 4 * eps * (twin.detach().abs() + lr)  # |θ| after the step: the same to rounding
+            assert ((p.detach() - twin.detach()).abs() <= bound).all()

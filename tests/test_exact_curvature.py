@@ -25,6 +25,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from backpack import backpack, extend
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -558,7 +559,7 @@ def test_loss_on_transformed_output_is_refused() -> None:
     x, y = _data("tanh", "ce")
     opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
     loss_fn(2 * model(x), y).backward()
-    _assert_step_refused(opt, model, "Move that computation into the model")
+    _assert_step_refused(opt, model, "computed from the model's output, move that computation into the model")
 
 
 def test_parameter_outside_model_is_refused() -> None:
@@ -568,7 +569,7 @@ def test_parameter_outside_model_is_refused() -> None:
     params = [*model.parameters(), extra]
     opt = QuadraticLineSearchAdam(params, curvature="ggn-exact", model=model, loss_fn=loss_fn)
     loss_fn(model(x) + extra, y).backward()
-    _assert_step_refused(opt, model, "do not belong to `model`|not the model's output")
+    _assert_step_refused(opt, model, "do not belong to `model`|neither the output of a forward of `model`")
 
 
 def test_extension_says_none_is_needed_and_hooks_go_with_the_optimizer() -> None:
@@ -633,3 +634,262 @@ def test_batchnorm_running_stats_update_once(curvature: str, per_block: bool) ->
     twin(x)
     for name, buffer in twin.named_buffers():
         torch.testing.assert_close(dict(model.named_buffers())[name], buffer, rtol=0, atol=0)
+
+
+class _SharedNorm(nn.Module):
+    """One LayerNorm registered as both ``ln`` and ``ln2``, applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.ln = nn.LayerNorm(3)
+        self.ln2 = self.ln
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.ln2(torch.tanh(self.ln(self.inner(x)))))
+
+
+def _shared(kind: str) -> tuple[nn.Module, Callable[[list[Tensor], Tensor], Tensor]]:
+    """A model that uses one module under two names, and its forward written out by hand as a
+    function of its (deduplicated) parameter list."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        lin = nn.Linear(3, 3)
+        model = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(3, 2)).to(DTYPE)
+
+        def by_hand(ps: list[Tensor], x: Tensor) -> Tensor:
+            w, b, wh, bh = ps
+            return F.linear(F.linear(torch.tanh(F.linear(x, w, b)), w, b), wh, bh)
+
+        return model, by_hand
+    model = _SharedNorm().to(DTYPE)
+
+    def by_hand(ps: list[Tensor], x: Tensor) -> Tensor:
+        w, b, lw, lb, wh, bh = ps
+        h = torch.tanh(F.layer_norm(F.linear(x, w, b), (3,), lw, lb))
+        return F.linear(F.layer_norm(h, (3,), lw, lb), wh, bh)
+
+    return model, by_hand
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+@pytest.mark.parametrize("kind", ["linear", "layernorm"])
+def test_module_registered_under_two_names(curvature: str, kind: str) -> None:
+    """dᵀCd against the forward written out by hand; the model keeps its Parameters (the ones the
+    optimizer steps), and over three steps it follows torch.optim.Adam."""
+    model, by_hand = _shared(kind)
+    params = list(model.parameters())
+    twin = copy.deepcopy(model)
+    loss_fn = nn.MSELoss()
+    opt = QuadraticLineSearchAdam(
+        params, lr=1e-2, curvature=curvature, mode="observe", model=model, loss_fn=loss_fn
+    )
+    adam = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    shapes = [p.shape for p in params]
+    for step in range(3):
+        x, y = _data("tanh", "mse", seed=step)
+        x, y = x[:, :3], y[:, :2]
+        theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+        def out_of(flat: Tensor) -> Tensor:
+            pieces = torch.split(flat, [s.numel() for s in shapes])
+            return by_hand([piece.view(s) for piece, s in zip(pieces, shapes)], x)
+
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        adam.zero_grad()
+        nn.functional.mse_loss(twin(x), y).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        opt.step()
+        adam.step()
+        if step == 0:
+            d = -g / (g.abs() + EPS)
+            hessian = torch.autograd.functional.hessian(lambda f: loss_fn(out_of(f), y), theta)
+            jd = torch.autograd.functional.jvp(out_of, theta, d)[1].reshape(-1)
+            z = out_of(theta).detach()
+            loss_hessian = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), z)
+            loss_hessian = loss_hessian.reshape(z.numel(), -1)
+            dgd = float(jd @ loss_hessian @ jd)
+            expected = float(d @ hessian @ d) if curvature == "hessian-exact" else dgd
+            assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
+        assert all(type(t) is nn.Parameter for m in model.modules() for t in m._parameters.values())
+        assert all(p is q for p, q in zip(model.parameters(), params))
+        for p, q in zip(params, twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+@pytest.mark.parametrize(
+    "how, kind", [("torch.compile", "tanh"), ("torch.compile", "residual"), ("Module.compile", "residual")]
+)
+def test_compiled_model(curvature: str, how: str, kind: str) -> None:
+    """A compiled model (aot_autograd: no forward-mode AD, no double backward): the curvature's
+    passes run eagerly and give the values of the autograd references."""
+    model = _model(kind)
+    reference = copy.deepcopy(model)
+    x, y = _data(kind, "ce")
+    loss_fn = nn.CrossEntropyLoss()
+    if how == "torch.compile":
+        model = torch.compile(model, backend="aot_eager")
+    else:
+        model.compile(backend="aot_eager")
+    opt, d = _run_first_step(model, x, y, loss_fn, curvature)
+    dhd, dgd = _reference(reference, x, y, loss_fn, d)
+    assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)
+    assert opt.history[-1].status == "ok"
+
+
+class _DropsTangent(nn.Module):
+    """A Linear whose output leaves the forward-mode tangent behind (as compiled graphs did)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.autograd.forward_ad.unpack_dual(self.lin(x)).primal
+
+
+def test_lost_tangent_is_an_error_not_zero() -> None:
+    model = _DropsTangent().to(DTYPE)
+    x, y = _data("tanh", "ce")
+    with pytest.raises(RuntimeError, match="carries no tangent along d"):
+        _run_first_step(model, x, y, nn.CrossEntropyLoss(), "ggn-exact")
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+def test_torch_func_transforms_pass_through_the_hooks(curvature: str) -> None:
+    """Per-sample gradients by vmap(grad(...)) and a jvp/jacrev of the watched model, run between
+    the user's forward and its loss: the same values as per-sample autograd loops, and the step
+    gets the curvature of the user's forward (the autograd reference)."""
+    from torch.func import grad, jacrev, jvp, vmap
+
+    model = _model("residual")
+    reference = copy.deepcopy(model)
+    x, y = _data("residual", "ce")
+    loss_fn = nn.CrossEntropyLoss()
+    opt = QuadraticLineSearchAdam(
+        model.parameters(), curvature=curvature, mode="observe", model=model, loss_fn=loss_fn
+    )
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(ps: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, ps, (xi[None],)), yi[None])
+
+    out = model(x)
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(len(x)):
+        loss_i = nn.functional.cross_entropy(reference(x[i : i + 1]), y[i : i + 1])
+        expected = torch.autograd.grad(loss_i, list(reference.parameters()))
+        for value, e in zip(per_sample.values(), expected):
+            torch.testing.assert_close(value[i], e, rtol=1e-12, atol=1e-14)
+    w = params["inner.weight"]
+    _, tangent = jvp(lambda v: functional_call(model, {"inner.weight": v}, (x,)), (w,), (torch.ones_like(w),))
+    jac = jacrev(lambda v: functional_call(model, {"inner.weight": v}, (x,)))(w)
+    torch.testing.assert_close(tangent, (jac * torch.ones_like(w)).sum((-2, -1)), rtol=1e-12, atol=1e-14)
+
+    loss_fn(out, y).backward()
+    d = _first_direction(model)
+    opt.step()
+    dhd, dgd = _reference(reference, x, y, loss_fn, d)
+    assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)
+
+
+class _Attention(nn.Module):
+    """Self-attention (``need_weights=False``: scaled_dot_product_attention), a Linear, a mean over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0]).mean(1)
+
+
+def _attention_by_hand(ps: list[Tensor], x: Tensor) -> Tensor:
+    """:class:`_Attention`'s forward written out: two heads of softmax(q kᵀ/√2) v."""
+    w, b, wo, bo, wh, bh = ps
+    n, t, e = x.shape
+    q, k, v = (z.view(n, t, 2, e // 2).transpose(1, 2) for z in F.linear(x, w, b).chunk(3, -1))
+    attended = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(e // 2), -1) @ v
+    return F.linear(F.linear(attended.transpose(1, 2).reshape(n, t, e), wo, bo), wh, bh).mean(1)
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_multihead_attention_against_the_attention_written_out(curvature: str, train: bool) -> None:
+    """nn.MultiheadAttention: the CPU's fused kernels have no forward-mode AD and no double backward
+    (and eval mode adds a fused inference path); dᵀCd against autograd on the attention by hand."""
+    torch.manual_seed(0)
+    model = _Attention().to(DTYPE).train(train)
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (5,), generator=gen)
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def out_of(flat: Tensor) -> Tensor:
+        pieces = torch.split(flat, [s.numel() for s in shapes])
+        return _attention_by_hand([piece.view(s) for piece, s in zip(pieces, shapes)], x)
+
+    loss_fn = nn.CrossEntropyLoss()
+    torch.testing.assert_close(model(x), out_of(theta), rtol=1e-12, atol=1e-12)  # the same function
+    opt, d = _run_first_step(model, x, y, loss_fn, curvature)
+    hessian = torch.autograd.functional.hessian(lambda f: F.cross_entropy(out_of(f), y), theta)
+    jd = torch.autograd.functional.jvp(out_of, theta, d)[1].reshape(-1)
+    z = out_of(theta).detach()
+    loss_hessian = torch.autograd.functional.hessian(lambda o: F.cross_entropy(o, y), z)
+    loss_hessian = loss_hessian.reshape(z.numel(), -1)
+    expected = float(d @ hessian @ d) if curvature == "hessian-exact" else float(jd @ loss_hessian @ jd)
+    assert float(opt.history[-1].dHd) == pytest.approx(expected, rel=1e-9)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x)).mean(1)
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+def test_transformer_encoder_layer_in_eval_mode(curvature: str) -> None:
+    """TransformerEncoderLayer's fused inference path; the reference's explicit matrices are
+    taken with the math attention kernel (the fused one has no double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = _Encoder().to(DTYPE).eval()
+    reference = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (5,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    opt, d = _run_first_step(model, x, y, loss_fn, curvature)
+    with sdpa_kernel(SDPBackend.MATH):
+        dhd, dgd = _reference(reference, x, y, loss_fn, d)
+    assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+def test_loss_on_an_earlier_forwards_output(curvature: str) -> None:
+    """out1 = model(x1); out2 = model(x2); loss_fn(out1, y1).backward(): the curvature of (x1, y1)."""
+    model, loss_fn = _model("tanh"), nn.CrossEntropyLoss()
+    reference = copy.deepcopy(model)
+    x1, y1 = _data("tanh", "ce", seed=1)
+    x2, _ = _data("tanh", "ce", seed=2)
+    opt = QuadraticLineSearchAdam(
+        model.parameters(), curvature=curvature, mode="observe", model=model, loss_fn=loss_fn
+    )
+    out1 = model(x1)
+    out2 = model(x2)  # e.g. a forward for a metric, with grad enabled
+    loss_fn(out1, y1).backward()
+    d = _first_direction(model)
+    opt.step()
+    dhd, dgd = _reference(reference, x1, y1, loss_fn, d)
+    assert float(opt.history[-1].dHd) == pytest.approx(dhd if curvature == "hessian-exact" else dgd, rel=1e-9)
+    assert out2.requires_grad

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -212,6 +214,8 @@ class _Traced(ModuleExtension):
         ):
             g_inp = g_out = None
         ext.touched[id(module)] = module
+        if is_loss(module):
+            _quiet_backward()
         if is_loss(module) and ext.modules is not None:  # a backward begins: who produced which input
             outputs = [m for m in ext.modules if isinstance(getattr(m, "output", None), Tensor)]
             ext.producers = collections.defaultdict(list)
@@ -377,6 +381,7 @@ class _Traced(ModuleExtension):
         return lambda u: self.derivatives.residual_mat_prod(module, g_inp, g_out, u)
 
     def weight(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any) -> _ParamProduct:
+        ext.watch(module.weight)
         product = self.inner.weight(ext, module, g_inp, g_out, backproped)
 
         def tangent(d: Tensor) -> Tensor:
@@ -392,6 +397,7 @@ class _Traced(ModuleExtension):
         return _ParamProduct(product, tangent, backproped)
 
     def bias(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any) -> _ParamProduct:
+        ext.watch(module.bias)
         product = self.inner.bias(ext, module, g_inp, g_out, backproped)
 
         def tangent(d: Tensor) -> Tensor:
@@ -400,12 +406,40 @@ class _Traced(ModuleExtension):
         return _ParamProduct(product, tangent, backproped)
 
 
+#: torch's UserWarning for a full backward hook on a module none of whose inputs needs a gradient.
+FULL_BACKWARD_HOOK_WARNING = (
+    "Full backward hook is firing when gradients are computed with respect to module outputs"
+)
+_quiet: list[warnings.catch_warnings] = []  # the filter of the backward now running, if any
+
+
+def _quiet_backward() -> None:
+    """Silence :data:`FULL_BACKWARD_HOOK_WARNING` until the backward now running ends.
+
+    BackPACK's hooks fire it on the first layer, whose input needs no gradient: they read only
+    the gradients w.r.t. the layer's output and parameters there, so it is harmless. Called
+    when the backward reaches the loss module, before any layer.
+    """
+    if _quiet:
+        return
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()
+    warnings.filterwarnings("ignore", message=FULL_BACKWARD_HOOK_WARNING, category=UserWarning)
+    _quiet.append(quiet)
+
+    def restore() -> None:
+        _quiet.pop().__exit__(None, None, None)
+
+    torch.autograd.Variable._execution_engine.queue_callback(restore)
+
+
 class _Traceable(SecondOrderBackpropExtension):
     """Placed after HMP/GGNMP/PCHMP in the method resolution order, so that their constructors
     hand it the module extensions they register: each is wrapped in :class:`_Traced`.
 
     ``touched`` collects the modules whose inputs and outputs BackPACK keeps for the
-    products (it frees them only when no curvature-product extension is active).
+    products (it frees them only when no curvature-product extension is active); ``watch``
+    is called with every parameter a product is saved on.
     """
 
     touched: dict[int, nn.Module]
@@ -423,8 +457,56 @@ class _Traceable(SecondOrderBackpropExtension):
         super().__init__(savefield, traced, fail_mode=fail_mode, subsampling=subsampling)
         self.touched = {}
         self.modules = None
+        self.watch: Callable[[Tensor], None] = lambda param: None
         self.producers: dict[int, list[nn.Module]] = {}
         self.consumers: collections.Counter[int] = collections.Counter()
+
+
+class _Accumulation:
+    """Which parameters' ``.grad`` sums more than one backward pass since it was last reset.
+
+    A hook runs before each backward adds into ``p.grad`` and compares ``p.grad`` with what
+    the previous backward left there (the same tensor at the same version): unchanged, the new
+    gradient is added to it. ``zero_grad()`` (to None or to zeros) resets it.
+    """
+
+    def __init__(self) -> None:
+        self.summed: set[Tensor] = set()
+        self._left: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
+        self._handles: dict[Tensor, list[Any]] = {}
+        handles = self._handles
+        weakref.finalize(self, lambda: [h.remove() for hs in handles.values() for h in hs])
+
+    def watch(self, param: Tensor) -> None:
+        """Hook ``param`` once; what its ``.grad`` holds now counts as left by a backward."""
+        if param in self._handles or not param.requires_grad:
+            return
+        self._record(param)
+        me, p_ref = weakref.ref(self), weakref.ref(param)
+
+        def before(grad: Tensor) -> None:
+            watch, p = me(), p_ref()
+            if watch is not None and p is not None:
+                left = watch._left.get(p)
+                g = p.grad
+                if g is not None and left is not None and left[0]() is g and g._version == left[1]:
+                    watch.summed.add(p)
+                else:
+                    watch.summed.discard(p)
+
+        def after(p: Tensor) -> None:
+            watch = me()
+            if watch is not None:
+                watch._record(p)
+
+        self._handles[param] = [param.register_hook(before), param.register_post_accumulate_grad_hook(after)]
+
+    def _record(self, param: Tensor) -> None:
+        g = param.grad
+        if g is None:
+            self._left.pop(param, None)
+        else:
+            self._left[param] = (weakref.ref(g), g._version)
 
 
 class _ClearErrors:
@@ -437,7 +519,19 @@ class _ClearErrors:
             raise NotImplementedError(
                 f"BackPACK's {type(self).__mro__[2].__name__} cannot handle layer "
                 f"{module.__class__.__name__} ({module}). Supported: {SUPPORTED_LAYERS}. "
-                "Replace the layer, or use an exact curvature option that works on any model."
+                "A model that is not an nn.Sequential of these layers (custom modules, functional calls "
+                "in forward) may work after `model = extend(model, use_converter=True)`, which rewrites "
+                "it into supported modules; else replace the layer, or use curvature='ggn-exact' or "
+                "'hessian-exact', which work on any model."
+            ) from err
+        except ValueError as err:
+            if "Output must be scalar" not in str(err):
+                raise
+            raise ValueError(
+                f"BackPACK's curvature needs a loss module that returns one scalar, but {module} did not "
+                f"(reduction={getattr(module, 'reduction', None)!r}). "
+                "Use reduction='mean' or 'sum', or curvature='ggn-exact' or 'hessian-exact', which take "
+                "reduction='none' losses with the weights they enter backward() with."
             ) from err
         except AssertionError as err:
             if "expects a backpropagation quantity" not in str(err):
@@ -503,6 +597,9 @@ class BackpackCurvature:
         self.savefield = savefield or default_savefield
         self._touched: dict[int, nn.Module] = {}  # shared by every extension made here
         self._modules = None if model is None else list(model.modules())
+        self._accumulation = _Accumulation()
+        for p in [] if model is None else model.parameters():
+            self._accumulation.watch(p)
 
     def extension(self, measure: bool = True) -> BackpropExtension:
         """The BackPACK extension to run ``loss.backward()`` under (one that does nothing when
@@ -512,6 +609,7 @@ class BackpackCurvature:
         ext = self._cls(savefield=self.savefield, **self._kwargs)
         ext.touched = self._touched
         ext.modules = self._modules
+        ext.watch = self._accumulation.watch
         return ext
 
     def context(self, measure: bool = True) -> AbstractContextManager[Any]:
@@ -521,6 +619,17 @@ class BackpackCurvature:
     def check_ready(self, params: Sequence[Tensor]) -> None:
         """Raise before anything changes if a parameter has no curvature product."""
         missing = [i for i, p in enumerate(params) if not hasattr(p, self.savefield)]
+        if missing and self._modules is not None:
+            own = {q for m in self._modules for q in m.parameters(recurse=False)}
+            foreign = [params[i] for i in missing if params[i] not in own]
+            if foreign:
+                raise RuntimeError(
+                    f"curvature={self.name!r}: {len(foreign)} parameter(s) with a gradient (e.g. one of "
+                    f"shape {tuple(foreign[0].shape)}) are not parameters of `model`, the model given to the "
+                    "optimizer, so BackPACK computes no curvature for them. Give the optimizer only the "
+                    "model's parameters (a term of the loss outside the model, e.g. a learned temperature, "
+                    "belongs in the model). No parameter was changed."
+                )
         if missing:
             raise RuntimeError(
                 f"curvature={self.name!r} needs BackPACK's `{self.savefield}` on every parameter "
@@ -528,7 +637,19 @@ class BackpackCurvature:
                 f"shape {tuple(params[missing[0]].shape)}). Call `model = extend(model)` and "
                 "`loss_fn = extend(loss_fn)` once, run `loss.backward()` inside "
                 "`with backpack(optimizer.extension()):` before every `optimizer.step()`, "
-                "or pass a closure: `optimizer.step(closure)`. No parameter was changed."
+                "or pass a closure: `optimizer.step(closure)`. A parameter outside the extended model "
+                "never gets one: give the optimizer only the model's parameters. No parameter was changed."
+            )
+        summed = [p for p in params if p in self._accumulation.summed]
+        if summed:
+            raise RuntimeError(
+                f"curvature={self.name!r}: the gradient of {len(summed)} of {len(params)} parameters "
+                f"(e.g. one of shape {tuple(summed[0].shape)}) sums several backward() passes since it "
+                "was last zeroed, but BackPACK's products hold the curvature of the last backward only, "
+                "so dᵀCd would not belong to g. Call `optimizer.zero_grad()` before each backward and "
+                "`step()` after it, or call backward() once on the sum of the losses, or use "
+                "curvature='ggn-exact' or 'hessian-exact', which add up the curvature of every "
+                "backward. No parameter was changed."
             )
 
     def forms_along(

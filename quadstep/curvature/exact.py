@@ -25,8 +25,9 @@ is therefore exactly Adam's::
 ``step()`` uses every recorded loss call whose backward ran since the previous
 step (gradient accumulation adds up, as the gradients do) and forgets them all
 afterwards, so nothing outlives a step. Forwards under ``torch.no_grad()`` (an
-evaluation between ``backward()`` and ``step()``) are not recorded; a recorded
-forward that never reaches ``backward()`` is ignored.
+evaluation between ``backward()`` and ``step()``) or under a ``torch.func`` transform
+(``vmap``, ``grad``, ``jvp``, ...) are not recorded and pass through untouched; a
+recorded forward that never reaches ``backward()`` is ignored.
 
 **ggn-exact** re-runs the model's forward once with forward-mode AD (dual
 numbers :math:`\theta + \varepsilon d`). A ``Linear``/``Conv`` layer does not redo
@@ -52,7 +53,10 @@ three backward passes; no closed form needed, so any loss module works.
 During a re-run, the module modes and the RNG state of the recorded forward are
 restored (dropout masks match the gradient's), and buffers are replaced by
 copies, so batch-norm running statistics are updated once per step, by the
-user's forward, not again.
+user's forward, not again. The re-runs use the kernels that have forward-mode AD
+and a double backward: a compiled model (``torch.compile(model)``,
+``model.compile()``) runs eagerly, attention (``scaled_dot_product_attention``,
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) on its math kernel.
 
 The loss must be called on the model's output itself or on a reshape of it that
 keeps the memory layout (``out.view(-1, V)``); anything else belongs in the model.
@@ -65,6 +69,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import functools
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -75,7 +81,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
@@ -183,6 +189,7 @@ class ExactCurvature:
             )
         if name == "ggn-exact":
             _check_ggn_loss(loss_fn)
+            _load_forward_ad()
         self.name = name
         self.model = model
         self.loss_fn = loss_fn
@@ -199,6 +206,8 @@ class ExactCurvature:
         self._own_params = {m: list(m.parameters(recurse=False)) for m in fast}
         self._active: _Forward | None = None
         self._last: _Forward | None = None
+        #: Forwards recorded since the last step whose output the user may still pass to the loss.
+        self._earlier: list[tuple[weakref.ref[Tensor], _Forward]] = []
         self._calls: list[_LossCall] = []
         self_ref = weakref.ref(self)  # hooks must not keep the optimizer alive
 
@@ -211,6 +220,9 @@ class ExactCurvature:
             me = self_ref()
             if me is not None and module is me.model and me._active is not None:
                 me._active.output = output.detach() if isinstance(output, Tensor) else None
+                if isinstance(output, Tensor):
+                    me._earlier = [(r, f) for r, f in me._earlier if r() is not None]
+                    me._earlier.append((weakref.ref(output), me._active))
                 me._last, me._active = me._active, None
 
         def layer(module: nn.Module, args: Any, output: Any) -> None:
@@ -247,7 +259,7 @@ class ExactCurvature:
 
     # ---------------------------------------------------------------- recording
     def _forward_begins(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._rerunning or not torch.is_grad_enabled():
+        if self._rerunning or not torch.is_grad_enabled() or _under_transform():
             return
         # Forget loss calls that can no longer reach backward (e.g. evaluations with grad enabled).
         self._calls = [c for c in self._calls if c.weight is not None or c.loss() is not None]
@@ -268,27 +280,23 @@ class ExactCurvature:
         if (
             self._rerunning
             or forward is None
+            or _under_transform()
             or not args
             or not isinstance(args[0], Tensor)
             or not isinstance(output, Tensor)
             or not output.requires_grad
         ):
             return
-        inp, out = args[0], forward.output
-        is_view = (
-            out is not None
-            and inp.data_ptr() == out.data_ptr()
-            and inp.dtype == out.dtype
-            and (
-                (inp.shape, inp.stride()) == (out.shape, out.stride())
-                or inp.numel() == out.numel()
-                and inp.is_contiguous()
-                and out.is_contiguous()
-            )
-        )
-        call = _LossCall(
-            forward, inp.detach(), _detach(args[1:]), _detach(kwargs), bool(is_view), weakref.ref(output)
-        )
+        inp = args[0]
+        # The last forward's output, else an earlier one's: out1 = model(x1); out2 = model(x2); loss(out1).
+        earlier = [f for r, f in reversed(self._earlier) if r() is not None and f is not forward]
+        is_view = False
+        for candidate in [forward, *earlier]:
+            if _is_view(inp, candidate.output):
+                forward, is_view = candidate, True
+                break
+        rest, kw = _detach(args[1:]), _detach(kwargs)
+        call = _LossCall(forward, inp.detach(), rest, kw, is_view, weakref.ref(output))
         self._calls.append(call)
         call_ref = weakref.ref(call)
 
@@ -330,11 +338,14 @@ class ExactCurvature:
                 )
             if not call.is_view:
                 raise RuntimeError(
-                    f"curvature={self.name!r}: `loss_fn` was called on a tensor that is not the model's "
-                    f"output (shape {tuple(call.forward.output.shape)}) nor a reshape of it (got shape "
-                    f"{tuple(call.input.shape)}). Move that computation into the model's forward, so "
-                    "that the loss is called as `loss_fn(model(x), y)` or `loss_fn(model(x).view(...), y)`. "
-                    "No parameter was changed."
+                    f"curvature={self.name!r}: `loss_fn` was called on a tensor (shape "
+                    f"{tuple(call.input.shape)}) that is neither the output of a forward of `model` since "
+                    f"the last step (the last one has shape {tuple(call.forward.output.shape)}) nor a "
+                    "reshape of one. If it is computed from the model's output, move that computation into the "
+                    "model's forward, so that the loss is called as `loss_fn(model(x), y)` or "
+                    "`loss_fn(model(x).view(...), y)`; if it is the output of a forward before the last "
+                    "step(), run the forward again; if it is another model's output, give that model its "
+                    "own loss module (every call of `loss_fn` is watched). No parameter was changed."
                 )
             inputs = _tensors((call.forward.args, call.forward.kwargs))
             if any(t._version != v for t, v in zip(inputs, call.forward.versions)):
@@ -367,6 +378,7 @@ class ExactCurvature:
     def release(self, params: Sequence[Tensor]) -> None:
         """Forget every recorded forward: nothing recorded outlives the step."""
         self._calls.clear()
+        self._earlier.clear()
         self._last = self._active = None
 
     # ---------------------------------------------------------------- evaluation
@@ -379,11 +391,12 @@ class ExactCurvature:
         for c in calls:
             forwards.setdefault(id(c.forward), (c.forward, []))[1].append(c)
         terms = []
-        for forward, fcalls in forwards.values():
-            if self.name == "ggn-exact":
-                terms += self._ggn(forward, fcalls, tangents)
-            else:
-                terms.append(self._hessian(forward, fcalls, tangents))
+        with _differentiable_kernels():
+            for forward, fcalls in forwards.values():
+                if self.name == "ggn-exact":
+                    terms += self._ggn(forward, fcalls, tangents)
+                else:
+                    terms.append(self._hessian(forward, fcalls, tangents))
         return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def _ggn(self, forward: _Forward, calls: list[_LossCall], tangents: dict[Tensor, Tensor]) -> list[Tensor]:
@@ -399,14 +412,15 @@ class ExactCurvature:
             # those layers read their tangents from `tangents`.
             fast = {p for m in forward.outputs for p in self._own_params[m]} & self._fast_only
             with fwAD.dual_level(), torch.no_grad():
-                duals = {
-                    self._names[p]: fwAD.make_dual(p, d.to(p.dtype))
-                    for p, d in tangents.items()
-                    if p not in fast
-                }
+                duals = {p: fwAD.make_dual(p, d.to(p.dtype)) for p, d in tangents.items() if p not in fast}
                 tangent = fwAD.unpack_dual(self._rerun(forward, duals, tangents)).tangent
-        if tangent is None:  # d is zero on every parameter the output depends on
-            tangent = torch.zeros_like(forward.output)
+        if tangent is None:
+            raise RuntimeError(
+                "curvature='ggn-exact': the model's output carries no tangent along d, though the "
+                f"{len(tangents)} parameter(s) with a gradient were given one: forward-mode AD was lost "
+                "inside the model's forward (an op or region that drops dual numbers). Use "
+                "curvature='hessian-exact', which needs no forward-mode AD."
+            )
         return [
             _ggn_quadratic(self.loss_fn, c.input, tangent.reshape(c.input.shape), c.rest, c.kwargs, c.weight)
             for c in calls
@@ -417,9 +431,9 @@ class ExactCurvature:
         some = next(iter(tangents.values()))
         with torch.enable_grad():
             alpha = torch.zeros((), dtype=some.dtype, device=some.device, requires_grad=True)
-            params = {n: p.detach() for p, n in self._names.items()}
+            params = {p: p.detach() for p in self._names}
             for p, d in tangents.items():
-                params[self._names[p]] = p.detach() + alpha.to(p.dtype) * d.to(p.dtype)
+                params[p] = p.detach() + alpha.to(p.dtype) * d.to(p.dtype)
             out = self._rerun(forward, params)
             self._rerunning = True
             try:
@@ -506,9 +520,10 @@ class ExactCurvature:
                 m.training = not m.training
 
     def _rerun(
-        self, forward: _Forward, duals: dict[str, Tensor], tangents: dict[Tensor, Tensor] | None = None
+        self, forward: _Forward, duals: dict[Tensor, Tensor], tangents: dict[Tensor, Tensor] | None = None
     ) -> Tensor:
-        """The recorded forward with parameters ``duals``; modes and RNG as recorded, buffers copied.
+        """The recorded forward with ``duals[p]`` in place of each parameter ``p``; modes and RNG as
+        recorded, buffers copied.
 
         With ``tangents``, Linear/Conv layers reuse their recorded outputs and compute
         only the tangent, reading the tangent of their own parameters from ``tangents``.
@@ -518,10 +533,8 @@ class ExactCurvature:
             try:
                 for module in swapped:  # an instance attribute shadows the class's forward until deleted
                     module.forward = _tangent_forward(module, forward.outputs[module], tangents or {})
-                buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-                if duals or buffers:
-                    out = functional_call(self.model, {**buffers, **duals}, forward.args, forward.kwargs)
-                else:
+                buffers = {b: b.clone() for b in self.model.buffers()}
+                with _substituted(list(self.model.modules()), {**buffers, **duals}):
                     out = self.model(*forward.args, **forward.kwargs)
             finally:
                 for module in swapped:
@@ -529,6 +542,91 @@ class ExactCurvature:
         if not isinstance(out, Tensor):
             raise RuntimeError(f"curvature={self.name!r} needs a model whose forward returns one tensor.")
         return out
+
+
+@functools.cache
+def _load_forward_ad() -> None:
+    """Load torch's forward-AD decompositions, as the first ``fwAD.make_dual`` would, without the
+    ``torch.jit.script`` DeprecationWarning that torch's own loading code raises (harmless: torch
+    calls its deprecated API internally)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch.jit.script` is deprecated", category=DeprecationWarning
+        )
+        with fwAD.dual_level():
+            fwAD.make_dual(torch.zeros(()), torch.zeros(()))
+
+
+def _under_transform() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, jacrev, ...) is running: its forwards
+    see wrapped tensors without storage, and the optimizer never needs them."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def _is_view(inp: Tensor, out: Tensor | None) -> bool:
+    """Whether ``inp`` is ``out`` itself or a reshape of it that keeps its memory layout."""
+    return (
+        out is not None
+        and _same_memory(inp, out)
+        and inp.dtype == out.dtype
+        and (
+            (inp.shape, inp.stride()) == (out.shape, out.stride())
+            or inp.numel() == out.numel()
+            and inp.is_contiguous()
+            and out.is_contiguous()
+        )
+    )
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` start at the same address; False for tensors without storage."""
+    try:
+        return a.data_ptr() == b.data_ptr()
+    except RuntimeError:  # wrapped or fake tensors have no data pointer
+        return False
+
+
+@contextlib.contextmanager
+def _differentiable_kernels() -> Iterator[None]:
+    """Meanwhile, the ops that have forward-mode AD and a double backward run instead of the fast
+    kernels that lack them: every ``torch.compile``-d function or module (``torch.compile(model)``,
+    ``model.compile()``) runs eagerly (compiled graphs drop tangents, which would read as
+    :math:`Jd = 0`), ``scaled_dot_product_attention`` runs its math kernel, and
+    ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` skip their fused inference path."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    with contextlib.ExitStack() as stack:
+        if not torch.compiler.is_compiling():
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def _substituted(modules: Sequence[nn.Module], values: dict[Tensor, Tensor]) -> Iterator[None]:
+    """Every parameter or buffer slot of ``modules`` that holds a key of ``values`` holds its value
+    meanwhile; afterwards each slot holds its own tensor again.
+
+    By identity of the tensor, once per slot: a module registered under two names, or a parameter
+    shared by two modules, is substituted everywhere and restored exactly (``functional_call``
+    swaps a module's slot once per name and restores the second swap's value).
+    """
+    swapped: list[tuple[dict[str, Any], str, Tensor]] = []
+    try:
+        for module in modules:
+            for slots in (module._parameters, module._buffers):
+                for name, tensor in slots.items():
+                    if tensor is not None and tensor in values:
+                        swapped.append((slots, name, tensor))
+                        slots[name] = values[tensor]
+        yield
+    finally:
+        for slots, name, tensor in reversed(swapped):
+            slots[name] = tensor
 
 
 def _remove(handles: list[RemovableHandle]) -> None:
