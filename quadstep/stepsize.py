@@ -153,8 +153,7 @@ class StepSizePolicy(abc.ABC):
             raise ValueError(f"Invalid alpha_min: {alpha_min} (must be >= 0)")
         if math.isnan(alpha_max):
             raise ValueError(
-                "Invalid alpha range: alpha_max=nan is not a number (use a float >= alpha_min, "
-                "or math.inf for no upper bound)"
+                f"Invalid alpha_max: {alpha_max} (must be a number >= alpha_min; math.inf disables the bound)"
             )
         if not alpha_min <= alpha_max:
             raise ValueError(

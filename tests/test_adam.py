@@ -363,16 +363,17 @@ class _Negated(nn.Module):
         return -nn.functional.mse_loss(output, target)
 
 
+@pytest.mark.parametrize("step_size", ["greedy", "lagged"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_maximize_in_scale_mode_is_minimising_the_negated_loss(amsgrad: bool, adam_kernel: str) -> None:
-    """maximize=True on -L takes, in scale mode, the steps (alpha* included) of minimising L."""
+def test_maximize_in_scale_mode_is_minimising_the_negated_loss(amsgrad: bool, adam_kernel: str, step_size: str) -> None:
+    """maximize=True on -L takes, in scale mode, the steps (alpha included) of minimising L."""
     runs = {}
     for maximize in (False, True):
         model = mlp()
         loss_fn = _Negated() if maximize else nn.MSELoss()
         opt = QuadraticLineSearchAdam(
             model.parameters(), lr=1e-2, amsgrad=amsgrad, maximize=maximize, curvature="hessian-exact",
-            model=model, loss_fn=loss_fn, alpha_max=math.inf,
+            model=model, loss_fn=loss_fn, alpha_max=math.inf, step_size=step_size,
         )  # fmt: skip
         for x, y in batches(8):
             opt.zero_grad()
@@ -380,10 +381,13 @@ def test_maximize_in_scale_mode_is_minimising_the_negated_loss(amsgrad: bool, ad
             opt.step()
         runs[maximize] = (flat_params(model), opt.history.columns())
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=1e-14)
-    assert runs[True][1]["status"] == runs[False][1]["status"] and "ok" in runs[True][1]["status"]
-    for column in ("alpha_star", "dg", "dHd"):
+    status, columns = ("status", ("alpha_star", "dg", "dHd")) if step_size == "greedy" else (
+        "policy_status", ("dg", "slope", "lagged_dHd", "lagged.alpha"))  # fmt: skip
+    assert runs[True][1][status] == runs[False][1][status] and "ok" in runs[True][1][status]
+    for column in columns:
         torch.testing.assert_close(
-            torch.tensor(runs[True][1][column]), torch.tensor(runs[False][1][column]), rtol=1e-12, atol=0
+            torch.tensor(runs[True][1][column]), torch.tensor(runs[False][1][column]), rtol=1e-12, atol=0,
+            equal_nan=True,
         )
 
 

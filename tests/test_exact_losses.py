@@ -94,7 +94,7 @@ def test_nll_loss_reduction_none_weighted_by_backward() -> None:
     model = LogSoftmaxHead(_model("tanh"))
     reference = copy.deepcopy(model.inner)
     loss_fn = nn.NLLLoss(weight=WEIGHT, reduction="none")
-    opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", curvature="ggn-exact", model=model, loss_fn=loss_fn)
     scale = torch.linspace(0.5, 2.0, 8, dtype=DTYPE)
     (scale * loss_fn(model(x), y)).sum().backward()
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -110,7 +110,7 @@ def test_nll_loss_on_what_is_not_log_probabilities_is_refused(output: str) -> No
     model = inner if output == "logits" else nn.Sequential(inner, nn.Softmax(dim=1))
     loss_fn = nn.NLLLoss()
     x, y = _data("tanh", "ce")
-    opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", curvature="ggn-exact", model=model, loss_fn=loss_fn)
     loss_fn(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"log-probabilities.*log_softmax.*CrossEntropyLoss"):
@@ -168,7 +168,7 @@ def test_mse_with_broadcasting_target_on_a_linear_model(reduction: str, shapes: 
     values = {}
     for curvature in EXACT:
         model = make()
-        opt = QuadraticLineSearchAdam(model.parameters(), curvature=curvature, model=model, loss_fn=loss_fn)
+        opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", curvature=curvature, model=model, loss_fn=loss_fn)
         out = model(x) if out_tail != (2, 1) else model(x).view(n, 2, 1)
         reduce(loss_fn(out, y)).backward()
         g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -200,7 +200,7 @@ def test_nll_loss_on_low_precision_log_probabilities(dtype: torch.dtype) -> None
     reference = copy.deepcopy(logits)
     model = LogSoftmaxHead(logits.to(dtype))
     loss_fn = nn.NLLLoss()
-    opt = QuadraticLineSearchAdam(model.parameters(), curvature="ggn-exact", model=model, loss_fn=loss_fn)
+    opt = QuadraticLineSearchAdam(model.parameters(), step_size="greedy", curvature="ggn-exact", model=model, loss_fn=loss_fn)
     loss_fn(model(x.to(dtype)), y).backward()
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
     opt.step()

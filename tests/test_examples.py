@@ -51,10 +51,13 @@ def assert_history_csv(path: Path, steps: int) -> None:
     assert list(rows[0])[:6] == ["step", "alpha_star", "alpha", "dg", "dHd", "status"]
     assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
     defined = [r for r in rows if r["status"] in ("ok", "clipped-max", "clipped-min")]
-    assert defined, "alpha* never defined"
+    lagged = [r for r in rows if r["policy_status"] in ("ok", "clipped-max", "clipped-min") and r["slope"] != "nan"]
+    assert defined or lagged, "neither alpha* nor a lagged step size was ever defined"
     for r in defined:
         assert math.isfinite(float(r["alpha_star"])) and float(r["alpha_star"]) > 0
         assert math.isfinite(float(r["dHd"])) and float(r["dg"]) < 0
+    for r in lagged:  # the curvature along the previous direction, from the next batch
+        assert math.isfinite(float(r["lagged_dHd"])) and float(r["lagged.alpha"]) >= 0
 
 
 def assert_png(path: Path) -> None:

@@ -225,7 +225,7 @@ def test_bad_policy_arguments_raise_a_clear_value_error(kwargs: dict[str, Any], 
         (lambda: Lagged(beta=1.0), r"Invalid beta: 1\.0"),
         (lambda: Lagged(beta=-0.1), r"Invalid beta: -0\.1"),
         (lambda: Greedy(alpha_min=-1.0), r"Invalid alpha_min: -1\.0"),
-        (lambda: Greedy(alpha_max=math.nan), r"alpha_max=nan is not a number"),
+        (lambda: Greedy(alpha_max=math.nan), r"Invalid alpha_max: nan \(must be a number"),
         (lambda: Lagged(alpha_min=0.5, alpha_max=0.1), r"alpha_min=0\.5 > alpha_max=0\.1"),
     ],
 )

@@ -48,12 +48,12 @@ def test_readme_step_probe_example_runs(capsys: pytest.CaptureFixture[str]) -> N
 def test_readme_exact_curvature_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The *Exact curvature* snippet runs as written: imports, model, data and loop included."""
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    (example,) = [b for b in blocks if 'curvature="ggn-exact"' in b]
+    (example,) = [b for b in blocks if 'curvature="ggn-exact"' in b and "StepProbe" not in b]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     history = namespace["opt"].history
     assert len(history) == 256 // 32
     columns = history.columns()
-    assert all(v > 0 for v in columns["dHd"])  # a GGN along a nonzero d
+    assert all(v > 0 for v in columns["lagged_dHd"][1:])  # a GGN along a nonzero d_{t-1}, from step 2
     assert all(s in STATUSES for s in columns["status"])
