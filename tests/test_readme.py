@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quadstep.stepsize import STATUSES
+from quadstep.stepsize import RECORD_STATUSES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -56,4 +56,4 @@ def test_readme_exact_curvature_example_runs(tmp_path: Path, monkeypatch: pytest
     assert len(history) == 256 // 32
     columns = history.columns()
     assert all(v > 0 for v in columns["lagged_dHd"][1:])  # a GGN along a nonzero d_{t-1}, from step 2
-    assert all(s in STATUSES for s in columns["status"])
+    assert all(s in RECORD_STATUSES for s in columns["status"] + columns["policy_status"])
