@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from quadstep.stepsize import DEFINED
+from quadstep.stepsize import POLICIES as POLICY_NAMES
 
 from .submissions import DEFAULT_LR
 
@@ -211,6 +212,72 @@ def overview(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _metric(runs: Sequence[dict[str, Any]], classification: bool) -> tuple[float, float, bool]:
+    """Mean and std of the test metric over seeds, and whether every seed ran to the end."""
+    key = "test_accuracy" if classification else "test_loss"
+    mean, std, n = mean_std([r[key] for r in runs])
+    return mean, std, n == len(runs) and all(r["status"] == "ok" for r in runs)
+
+
+def reaches(a: tuple[float, float, bool], b: tuple[float, float, bool], classification: bool) -> bool:
+    """Whether metric ``a`` reaches ``b``: better, or within the larger seed std, or (accuracy) 1 point."""
+    if not a[2] or math.isnan(a[0]):
+        return False
+    if not b[2] or math.isnan(b[0]):
+        return True
+    better = a[0] >= b[0] if classification else a[0] <= b[0]
+    return better or abs(a[0] - b[0]) <= max(a[1], b[1]) or (classification and b[0] - a[0] <= 0.01)
+
+
+def policies_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """Per workload: the best Adam lr's test metric beside every quadstep scale variant and the
+    peers, each marked where it reaches the best Adam lr, Prodigy and Schedule-Free; then the count
+    of workloads each variant reaches."""
+    variants = {c[2:]: runs[0]["label"] for c, runs in by_config(rows).items()
+                if c[0] == "quadstep_adam" and c[3].startswith("scale")}
+    peers = {"prodigy": "Prodigy", "schedulefree_adamw": "Schedule-Free AdamW"}
+    head = ["workload", "best Adam", *variants.values(), *peers.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    counts = {k: [0, 0, 0] for k in variants}  # reached Adam, tied both peers, workloads run
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        wrows = [r for r in rows if r["workload"] == workload]
+        classification = meta.get("workloads", {}).get(workload, {}).get("loss", "cross_entropy") == "cross_entropy"
+        groups = by_config(wrows)
+        adam = {c: _metric(runs, classification) for c, runs in groups.items() if c[0] == "adam"}
+        if not adam:
+            continue
+        sign = -1 if classification else 1
+        best = min(adam, key=lambda c: sign * adam[c][0] if adam[c][2] and not math.isnan(adam[c][0]) else math.inf)
+        target = adam[best]
+        peer = {name: _metric(runs, classification) for c, runs in groups.items() for name in peers if c[0] == name}
+
+        def text(m: tuple[float, float, bool]) -> str:
+            if math.isnan(m[0]):
+                return "–"
+            value = f"{100 * m[0]:.1f} ± {100 * m[1]:.1f} %" if classification else f"{m[0]:.4g} ± {m[1]:.2g}"
+            return value if m[2] else value + " (diverged)"
+
+        cells = [workload, f"lr {best[1]:g}: {text(target)}"]
+        for key in variants:
+            config = next((c for c in groups if c[0] == "quadstep_adam" and c[2:] == key), None)
+            if config is None:
+                cells.append("–")
+                continue
+            m = _metric(groups[config], classification)
+            marks = [mark for ok, mark in [(reaches(m, target, classification), "✓")] if ok]
+            ties = [name for name in peers if name in peer and reaches(m, peer[name], classification)]
+            marks += [f"≥{peers[name][0]}" for name in ties]
+            counts[key][0] += reaches(m, target, classification)
+            counts[key][1] += len(ties) == len([n for n in peers if n in peer])
+            counts[key][2] += 1
+            cells.append(text(m) + (" " + " ".join(marks) if marks else ""))
+        cells += [text(peer[name]) if name in peer else "–" for name in peers]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| variant | reaches best Adam | beats or ties Prodigy and Schedule-Free |", "| --- | --- | --- |"]
+    lines += [f"| {variants[k]} | {c[0]} of {c[2]} | {c[1]} of {c[2]} |" for k, c in counts.items() if c[2]]
+    return lines
+
+
 def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     """summary.md: per workload, best Adam lr beside each alpha* variant and each peer (mean ± std)."""
     versions = meta.get("versions", {})
@@ -240,6 +307,15 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> st
     for name, info in meta.get("skipped_workloads", {}).items():
         lines += [f"**{name} skipped**: {info}", ""]
     lines += [
+        "## Step-size policies against a tuned Adam",
+        "",
+        "Test metric (accuracy, else test loss), mean ± std over seeds. *Best Adam*: the lr of the grid "
+        "with the best mean test metric. A cell is marked ✓ when it reaches that (better, or within the "
+        "larger of the two seed stds, or for accuracy within 1 point), and ≥P / ≥S when it beats or ties "
+        "Prodigy / Schedule-Free by the same rule. Rows with a run that diverged or failed count as not reached.",
+        "",
+        *policies_table(rows, meta),
+        "",
         "## Overview",
         "",
         "Final training loss (test accuracy), mean over seeds; α* rows in scale mode with the default clip.",
@@ -329,6 +405,13 @@ def _rolling_median(values: Sequence[float], window: int) -> list[float]:
         x = sorted(v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v))
         out.append(x[len(x) // 2] if x else math.nan)
     return out
+
+
+def _median_curve(curves: Sequence[Sequence[float]]) -> list[float]:
+    """The per-step median over curves of the finite values (NaN where none is)."""
+    steps = max((len(c) for c in curves), default=0)
+    per_step = [sorted(v for c in curves if t < len(c) and math.isfinite(v := c[t])) for t in range(steps)]
+    return [v[len(v) // 2] if v else math.nan for v in per_step]
 
 
 def _alpha_star(run: dict[str, list[Any]]) -> list[float]:
@@ -456,7 +539,37 @@ def plot_workload(
     _legend(ax)
     written.append(_save(fig, folder / f"alpha_{workload}.png"))
 
-    # 4. distribution of alpha*
+    # 4. the step size each policy used (scale mode) or proposed (observe mode) against the lr grid
+    fig, ax = plt.subplots(figsize=(10, 5))
+    k = 0
+    for config, runs in quad:
+        columns = ["alpha"] if config[3].startswith("scale") else [f"{p}.alpha" for p in POLICY_NAMES]
+        for column in columns:
+            curves = [logs[r["run_id"]].get(column, []) for r in runs if r["run_id"] in logs]
+            medians = _median_curve(curves)
+            if not any(math.isfinite(v) for v in medians):
+                continue
+            label = runs[0]["label"] if column == "alpha" else f"{runs[0]['label']}: {column[:-6]} proposes"
+            style = {**styles[k % len(styles)], **({} if column == "alpha" else {"ls": ":"})}
+            ax.plot(_rolling_median(medians, max(len(medians) // 50, 5)), lw=1.4, **style, label=label)
+            k += 1
+    for lr in lr_grid:
+        best = lr == adam
+        ax.axhline(lr, color="black" if best else "gray", ls="-" if best else "--", lw=1.6 if best else 0.6)
+        ax.annotate(
+            f"Adam lr {lr:g}" + (" (best)" if best else ""), (1.0, lr), xycoords=("axes fraction", "data"),
+            fontsize=7, ha="right", va="bottom", color="black" if best else "gray",
+        )  # fmt: skip
+    ax.set(
+        yscale="log",
+        xlabel="step",
+        ylabel="α used / proposed (rolling median, median over seeds)",
+        title=f"{workload}: each step-size policy's α against Adam's learning-rate grid",
+    )
+    _legend(ax)
+    written.append(_save(fig, folder / f"policy_{workload}.png"))
+
+    # 5. distribution of alpha*
     fig, ax = plt.subplots(figsize=(10, 5))
     samples = [
         [

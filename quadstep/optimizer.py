@@ -121,8 +121,10 @@ class QuadraticLineSearch(Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         r"""Update the direction's state with g, then take :math:`\theta \leftarrow \theta + \alpha d`.
 
-        All or nothing: if anything raises, parameters, optimizer state, policy state and
-        history are as they were before the call.
+        All or nothing: if anything raises (the curvature query, the direction, the policy, the
+        record), parameters, optimizer state, policy state and history are as they were before the
+        call. On a step that queries no curvature (``every > 1``) the direction's state is not copied
+        first: only quadstep's own tensor arithmetic follows it there.
 
         Args:
             closure: optional; re-evaluates the model and calls ``loss.backward()``.
@@ -152,7 +154,9 @@ class QuadraticLineSearch(Optimizer):
             forms = None if "current" in sets else self._query(params, [], sets)
             if forms is not None:
                 self._curvature.release(params)
-            saved = _saved(self.state, params)
+            # On a step that queries nothing (every > 1) only quadstep's own tensor arithmetic follows
+            # the direction: the copy (a page-faulting allocation per state tensor) is skipped there.
+            saved = _saved(self.state, params) if sets else None
             ds, grad_sq = self._directions(groups, self.state.__getitem__)
             if forms is None:
                 forms = self._query(params, ds, sets)
