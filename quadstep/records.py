@@ -278,7 +278,7 @@ class History(Sequence[StepRecord]):
         return {name: [r[name] for r in rows] for name in self.column_names()}
 
     def summary(self) -> dict[str, Any]:
-        """Max, min, mean and std of alpha* and alpha, and the count of each status.
+        """Max, min, mean and std of alpha* and alpha, and the count of each status and policy status.
 
         alpha* statistics cover the steps where alpha* exists (status ``ok`` or
         clipped); ``alpha_star_defined`` says how many those were.
@@ -291,6 +291,7 @@ class History(Sequence[StepRecord]):
             "alpha_star": _stats(defined),
             "alpha": _stats([a for a in cols["alpha"] if math.isfinite(a)]),
             "status": dict(Counter(cols["status"])),
+            "policy_status": dict(Counter(cols["policy_status"])),
         }
 
     def format_summary(self) -> str:
@@ -304,6 +305,7 @@ class History(Sequence[StepRecord]):
                 f"mean {st['mean']:.4g}  std {st['std']:.4g}"
             )
         lines.append("    status: " + ", ".join(f"{k} {v}" for k, v in sorted(s["status"].items())))
+        lines.append("    policy: " + ", ".join(f"{k} {v}" for k, v in sorted(s["policy_status"].items())))
         return "\n".join(lines)
 
     def to_csv(self, path: str | PathLike[str]) -> None:
