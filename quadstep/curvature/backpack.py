@@ -553,6 +553,10 @@ class _Idle(BackpropExtension):
     def expects_backpropagation_quantities(self) -> bool:
         return False
 
+    def __call__(self, module: nn.Module, g_inp: Any, g_out: Any) -> None:
+        if is_loss(module):  # the extended model's hooks still fire torch's harmless warning
+            _quiet_backward()
+
 
 class _HMP(_ClearErrors, HMP, _Traceable):
     pass
