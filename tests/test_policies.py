@@ -259,3 +259,11 @@ def test_lagged_policy_by_hand_on_scalars() -> None:
     # a non-finite gradient too
     proposal, _ = policy.propose(Measurement(nan, nan, t(math.inf), t(0.1), t(1.0), t(0.2), True, True), state)
     assert float(proposal.alpha) == clipped
+
+
+@pytest.mark.parametrize("name", BACKPACK + EXACT)
+def test_every_curvature_family_implements_the_curvature_interface(name: str) -> None:
+    from quadstep.curvature import Curvature, make_curvature
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    assert isinstance(make_curvature(name, model, nn.MSELoss()), Curvature)

@@ -10,14 +10,13 @@ from __future__ import annotations
 from torch import nn
 
 from .backpack import BackpackCurvature
+from .base import Curvature
 from .exact import ExactCurvature
 
 #: Valid values of the optimizers' ``curvature`` argument.
 CURVATURES: tuple[str, ...] = BackpackCurvature.NAMES + ExactCurvature.NAMES
 #: The curvatures that evaluate the model along d and need ``model=`` and ``loss_fn=``.
 EXACT_CURVATURES: tuple[str, ...] = ExactCurvature.NAMES
-
-Curvature = BackpackCurvature | ExactCurvature
 
 
 def make_curvature(name: str, model: nn.Module | None = None, loss_fn: nn.Module | None = None) -> Curvature:

@@ -1,0 +1,46 @@
+"""The curvature query's interface: what the optimizer, ``StepProbe`` and ``CurvatureProbe`` ask of a
+curvature family (BackPACK's block-diagonal products, :mod:`.backpack`; the exact passes, :mod:`.exact`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class Curvature(Protocol):
+    r"""Quadratic forms :math:`d^\top C d` of one curvature matrix ``C`` on the last batch.
+
+    Attributes:
+        name: the ``curvature=`` name it serves.
+        block_diagonal: its terms are the per-parameter values :math:`d_p^\top C_{pp} d_p`.
+    """
+
+    name: str
+    block_diagonal: bool
+
+    def extension(self, measure: bool = True) -> Any:
+        """The BackPACK extension the backward runs under (an idle one when ``measure`` is False)."""
+
+    def context(self, measure: bool = True) -> AbstractContextManager[Any]:
+        """What a closure's ``loss.backward()`` runs under."""
+
+    def check_ready(self, params: Sequence[Tensor]) -> None:
+        """Raise, before anything changes, when the forms cannot be evaluated for ``params``."""
+
+    def quadratic_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
+        """0-dim terms that sum to :math:`d^\top C d`."""
+
+    def forms_along(
+        self, params: Sequence[Tensor], direction_sets: Sequence[Sequence[Tensor]]
+    ) -> list[list[Tensor]]:
+        """:meth:`quadratic_forms` for each set of directions, in one query where the family can."""
+
+    def block_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
+        r""":math:`d_p^\top C_{pp} d_p` for every parameter ``p``."""
+
+    def release(self, params: Sequence[Tensor]) -> None:
+        """Forget what the last backward left (products, recorded forwards)."""
