@@ -255,7 +255,7 @@ def test_cli_writes_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         r["mode"] == "observe" for r in rows
     )
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))
-    assert len(plots) == 8 and all((out / "plots" / p).stat().st_size > 5000 for p in plots)
+    assert len(plots) == 10 and all((out / "plots" / p).stat().st_size > 5000 for p in plots)
 
     (out / "summary.md").unlink()
     assert main(["report", "--out", str(out)]) == 0

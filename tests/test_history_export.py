@@ -52,7 +52,8 @@ def test_to_tensorboard_sends_every_record_at_its_step() -> None:
     for tag, values in expected.items():
         assert [s for s, _ in writer.scalars[tag]] == steps
         assert [v for _, v in writer.scalars[tag]] == pytest.approx(values)
-    assert writer.texts == {"run/status": [(3, "clipped-max"), (5, "non-positive-curvature"), (6, "ok")]}
+    changes = [(3, "clipped-max"), (5, "non-positive-curvature"), (6, "ok")]
+    assert writer.texts == {"run/status": changes, "run/policy_status": changes}
     assert "run/step" not in writer.scalars
 
 

@@ -321,7 +321,7 @@ def test_a_closure_gives_the_records_of_the_plain_loop(curvature: str) -> None:
     _, _, closed = _train("adamw", curvature, closure=True)
     assert looped is not None and closed is not None
     rows = [torch.stack([r.values for r in probe.history]) for probe in (looped, closed)]
-    assert torch.equal(*rows)
+    torch.testing.assert_close(*rows, rtol=0, atol=0, equal_nan=True)  # NaN: no lagged slope in a probe
 
 
 def test_the_optimizer_gets_the_closures_loss_and_may_evaluate_it_only_once() -> None:
@@ -404,8 +404,8 @@ def test_state_dict_round_trip_of_the_history() -> None:
     state = probe.state_dict()
     fresh = StepProbe(probe.optimizer, "ggn-exact", model=nn.Linear(1, 1), loss_fn=nn.MSELoss())
     fresh.load_state_dict(state)
-    assert fresh.history.columns() == probe.history.columns()
-    assert fresh.state_dict() == state
+    assert repr(fresh.history.columns()) == repr(probe.history.columns())  # repr: NaN == NaN
+    assert repr(fresh.state_dict()) == repr(state)
 
 
 @pytest.mark.parametrize("peer", ["schedulefree", "dadapt_adam-coupled-decay"])
@@ -452,7 +452,9 @@ def test_a_probe_around_a_quadstep_optimizer_with_the_same_exact_curvature(curva
         probe.step()
         alone_loss(alone(x), y).backward()
         reference.step()
-        torch.testing.assert_close(opt.history[-1].values, reference.history[-1].values, rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            opt.history[-1].values, reference.history[-1].values, rtol=1e-12, atol=0, equal_nan=True
+        )
         torch.testing.assert_close(
             probe.history[-1].alpha_star, reference.history[-1].alpha_star / lr, rtol=1e-10, atol=0
         )
