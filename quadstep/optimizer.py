@@ -487,7 +487,7 @@ def _restore(state: dict[Tensor, dict[str, Any]], saved: list[tuple[Tensor, dict
 
 
 class QuadraticLineSearchAdam(QuadraticLineSearch):
-    r"""Adam's direction, scaled by the minimiser of the local quadratic model along it.
+    r"""Adam's direction, scaled by a step size from the local quadratic model along it.
 
     At every step, with mini-batch gradient :math:`g` and curvature matrix
     :math:`C` (block-diagonal over parameter tensors from BackPACK, or the full
@@ -498,15 +498,17 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2 \\
         d &= -\frac{m_t/(1-\beta_1^t)}{\sqrt{\hat v_t/(1-\beta_2^t)} + \epsilon}, \qquad
         \hat v_t = v_t \text{ or, with amsgrad, } \max(\hat v_{t-1}, v_t) \\
-        \alpha^* &= -\frac{d^\top g}{d^\top C d} \\
         \theta &\leftarrow (1 - \mathrm{lr}\cdot\lambda)\,\theta + \alpha\, d, \qquad
         \alpha = \begin{cases}
-            \mathrm{clip}(\alpha^*, \alpha_{\min}, \alpha_{\max}) & \text{mode="scale", } \alpha^* \text{ defined} \\
+            \text{the step-size policy's } \alpha_t & \text{mode="scale", where it has one} \\
             \mathrm{lr} & \text{otherwise}
         \end{cases}
 
-    :math:`\alpha^*` is defined when :math:`d^\top g < 0`, :math:`d^\top C d > 0` and both are
-    finite. With ``maximize=True`` the objective is :math:`-L`: :math:`g` and :math:`C` are
+    The policy (:mod:`quadstep.stepsize`) is ``"lagged"`` by default:
+    :math:`\alpha_t = \mathrm{EMA}(\alpha_{t-1} q_t - s_t) / \mathrm{EMA}(q_t)` with
+    :math:`s_t = d_{t-1}^\top g_t`, :math:`q_t = d_{t-1}^\top C_t d_{t-1}`, clipped; ``"greedy"`` is
+    :math:`\mathrm{clip}(\alpha^*)` with :math:`\alpha^* = -d^\top g / d^\top C d`, defined when
+    :math:`d^\top g < 0`, :math:`d^\top C d > 0` and both are finite. With ``maximize=True`` the objective is :math:`-L`: :math:`g` and :math:`C` are
     replaced by :math:`-g` and :math:`-C` everywhere, records included. A gradient with
     NaN/Inf leaves parameters and moments untouched. Every step appends a
     :class:`~quadstep.records.StepRecord` to :attr:`history`.
@@ -521,7 +523,8 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        lr: learning rate; in scale mode used only where alpha* is undefined, and
+        lr: learning rate; in scale mode used only where the policy has no alpha (its first
+            step, an undefined alpha*), and
             for weight decay (default: 1e-3).
         betas: the two coefficients of the running averages of g and g², floats or 1-element
             tensors (default: (0.9, 0.999)).
@@ -544,16 +547,16 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
             and the BackPACK context; ``"ggn-exact"`` or ``"hessian-exact"``: the full
             matrix along d, any ``nn.Module``, plain ``loss.backward()``, need ``model``
             and ``loss_fn`` (see :mod:`quadstep.curvature.exact`) (default: "hessian").
-        mode: ``"scale"`` steps with alpha*, ``"observe"`` steps with lr (default: "scale").
-        alpha_min: lower clip of alpha (default: 0: the model's verdict that a small
-            step is best is kept).
-        alpha_max: upper clip of alpha (default: 0.1). The entries of Adam's direction
-            have magnitude about 1 or less, so alpha moves each parameter by up to about
-            alpha per step; 0.1 is the largest rate Adam is commonly run with (the top of
-            the benchmarks' lr grid). With a bound of 1, alpha* drove the MLPs of the
-            benchmarks (digits, Fashion-MNIST) to chance level in every seed: the
-            mini-batch quadratic model is trusted no further than Adam itself would
-            step. ``math.inf`` disables the bound.
+        mode: ``"scale"`` steps with the policy's alpha, ``"observe"`` steps with lr and records
+            every built-in policy's proposal (default: "scale").
+        step_size: the step-size policy: ``"lagged"``, ``"greedy"`` or a
+            :class:`~quadstep.stepsize.StepSizePolicy` instance (default: "lagged").
+        every: query the curvature on steps 1, 1 + every, ... only; the policy keeps its alpha
+            in between (default: 1).
+        alpha_min: lower clip of a policy given by name (default: the policy's, 0).
+        alpha_max: upper clip of a policy given by name (default: the policy's, 0.1: the
+            entries of Adam's direction are about 1 in size, so alpha moves each parameter by
+            up to about alpha; ``math.inf`` disables the bound).
         history_size: number of most recent records kept, None for all (default: 10000).
         model: the network, required by the exact curvatures.
             The optimizer watches its forward with hooks, so the loop stays that of
@@ -715,13 +718,13 @@ class QuadraticLineSearchSGD(QuadraticLineSearch):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        lr: learning rate; in scale mode used only where alpha* is undefined (default: 1e-3).
+        lr: learning rate; in scale mode used only where the policy has no alpha (default: 1e-3).
         momentum: momentum factor μ (default: 0).
         dampening: dampening τ for momentum (default: 0).
         weight_decay: L2 penalty λ added to the gradient (default: 0).
         nesterov: Nesterov momentum (default: False).
-        curvature, mode, alpha_min, alpha_max, history_size, model, loss_fn, per_block: as in
-            :class:`QuadraticLineSearchAdam`. SGD's direction has the scale of the
+        curvature, mode, step_size, every, alpha_min, alpha_max, history_size, model, loss_fn,
+        per_block: as in :class:`QuadraticLineSearchAdam`. SGD's direction has the scale of the
             gradient, not about 1 per entry, so the default ``alpha_max`` is ``math.inf``.
     """
 
