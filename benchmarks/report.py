@@ -407,6 +407,17 @@ def _rolling_median(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def _lr_grid_lines(ax: Any, lr_grid: Sequence[float], best_lr: float | None) -> None:
+    """Adam's lr grid as labelled horizontal lines, the best lr in black."""
+    for lr in lr_grid:
+        best = lr == best_lr
+        ax.axhline(lr, color="black" if best else "gray", ls="-" if best else "--", lw=1.6 if best else 0.6)
+        ax.annotate(
+            f"Adam lr {lr:g}" + (" (best)" if best else ""), (1.0, lr), xycoords=("axes fraction", "data"),
+            fontsize=7, ha="right", va="bottom", color="black" if best else "gray",
+        )  # fmt: skip
+
+
 def _median_curve(curves: Sequence[Sequence[float]]) -> list[float]:
     """The per-step median over curves of the finite values (NaN where none is)."""
     steps = max((len(c) for c in curves), default=0)
@@ -518,18 +529,7 @@ def plot_workload(
                 **styles[i % len(styles)],
                 label=runs[0]["label"],
             )
-    for lr in lr_grid:
-        best = lr == adam
-        ax.axhline(lr, color="black" if best else "gray", ls="-" if best else "--", lw=1.6 if best else 0.6)
-        ax.annotate(
-            f"Adam lr {lr:g}" + (" (best)" if best else ""),
-            (1.0, lr),
-            xycoords=("axes fraction", "data"),
-            fontsize=7,
-            ha="right",
-            va="bottom",
-            color="black" if best else "gray",
-        )
+    _lr_grid_lines(ax, lr_grid, adam)
     ax.set(
         yscale="log",
         xlabel="step",
@@ -553,13 +553,7 @@ def plot_workload(
             style = {**styles[k % len(styles)], **({} if column == "alpha" else {"ls": ":"})}
             ax.plot(_rolling_median(medians, max(len(medians) // 50, 5)), lw=1.4, **style, label=label)
             k += 1
-    for lr in lr_grid:
-        best = lr == adam
-        ax.axhline(lr, color="black" if best else "gray", ls="-" if best else "--", lw=1.6 if best else 0.6)
-        ax.annotate(
-            f"Adam lr {lr:g}" + (" (best)" if best else ""), (1.0, lr), xycoords=("axes fraction", "data"),
-            fontsize=7, ha="right", va="bottom", color="black" if best else "gray",
-        )  # fmt: skip
+    _lr_grid_lines(ax, lr_grid, adam)
     ax.set(
         yscale="log",
         xlabel="step",
