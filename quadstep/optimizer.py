@@ -73,7 +73,9 @@ class QuadraticLineSearch(Optimizer):
         if mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r} (choose one of {', '.join(map(repr, MODES))})")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Invalid every: {every!r} (must be an int >= 1: query the curvature every k steps)")
+            raise ValueError(
+                f"Invalid every: {every!r} (must be an int >= 1: query the curvature every k steps)"
+            )
         policy = _policy(step_size, alpha_min, alpha_max)
         if per_block and mode == "scale" and not isinstance(policy, Greedy):
             raise ValueError(
@@ -209,7 +211,12 @@ class QuadraticLineSearch(Optimizer):
         return {name: part if name == "blocks" else part.sum() for name, part in zip(sets, parts)}
 
     def _measurement(
-        self, params: list[Tensor], ds: list[Tensor], grad_sq: Tensor, forms: dict[str, Tensor], maximize: bool
+        self,
+        params: list[Tensor],
+        ds: list[Tensor],
+        grad_sq: Tensor,
+        forms: dict[str, Tensor],
+        maximize: bool,
     ) -> tuple[Measurement, tuple[Tensor, Tensor] | None]:
         """What the policies are given: dᵀg, the forms queried, the lagged slope and step size; with
         ``maximize`` those of the objective -L (gradient -g, curvature -C)."""
@@ -454,7 +461,9 @@ class QuadraticLineSearch(Optimizer):
         self._previous = {params[i]: d.to(params[i].device) for i, d in extra.get("previous", {}).items()}
 
 
-def _policy(step_size: str | StepSizePolicy, alpha_min: float | None, alpha_max: float | None) -> StepSizePolicy:
+def _policy(
+    step_size: str | StepSizePolicy, alpha_min: float | None, alpha_max: float | None
+) -> StepSizePolicy:
     """The policy ``step_size``; ``alpha_min``/``alpha_max``, when set, clip a policy given by name."""
     if isinstance(step_size, StepSizePolicy):
         if alpha_min is not None or alpha_max is not None:
@@ -468,12 +477,14 @@ def _policy(step_size: str | StepSizePolicy, alpha_min: float | None, alpha_max:
     return POLICIES[step_size](**bounds)
 
 
-def _saved(state: dict[Tensor, dict[str, Any]], params: list[Tensor]) -> list[tuple[Tensor, dict[str, Any] | None]]:
+def _saved(
+    state: dict[Tensor, dict[str, Any]], params: list[Tensor]
+) -> list[tuple[Tensor, dict[str, Any] | None]]:
     """What a step may change in each parameter's state, copied (None: the state did not exist)."""
-    return [
-        (p, {k: v.clone() if isinstance(v, Tensor) else v for k, v in state[p].items()} if p in state else None)
-        for p in params
-    ]
+    def copied(old: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.clone() if isinstance(v, Tensor) else v for k, v in old.items()}
+
+    return [(p, copied(state[p]) if p in state else None) for p in params]
 
 
 def _restore(state: dict[Tensor, dict[str, Any]], saved: list[tuple[Tensor, dict[str, Any] | None]]) -> None:
@@ -508,7 +519,8 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
     :math:`\alpha_t = \mathrm{EMA}(\alpha_{t-1} q_t - s_t) / \mathrm{EMA}(q_t)` with
     :math:`s_t = d_{t-1}^\top g_t`, :math:`q_t = d_{t-1}^\top C_t d_{t-1}`, clipped; ``"greedy"`` is
     :math:`\mathrm{clip}(\alpha^*)` with :math:`\alpha^* = -d^\top g / d^\top C d`, defined when
-    :math:`d^\top g < 0`, :math:`d^\top C d > 0` and both are finite. With ``maximize=True`` the objective is :math:`-L`: :math:`g` and :math:`C` are
+    :math:`d^\top g < 0`, :math:`d^\top C d > 0` and both are finite. With ``maximize=True`` the
+    objective is :math:`-L`: :math:`g` and :math:`C` are
     replaced by :math:`-g` and :math:`-C` everywhere, records included. A gradient with
     NaN/Inf leaves parameters and moments untouched. Every step appends a
     :class:`~quadstep.records.StepRecord` to :attr:`history`.

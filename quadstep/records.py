@@ -380,7 +380,7 @@ class History(Sequence[StepRecord]):
         self.clear()
         first = state["last_step"] - len(state["rows"]) + 1
         for i, row in enumerate(state["rows"]):
-            if "policies" not in state:  # saved before records held policies: alpha*, dg, dHd, status, groups, alphas
+            if "policies" not in state:  # an older row: alpha*, dg, dHd, status, groups, alphas
                 row = [*row[:4], row[3], 1.0, math.nan, math.nan, row[4], 0.0, *row[5:]]
             values = torch.tensor(row, dtype=dtype, device=device)
             width = _HEAD + 3 * int(row[_POLICIES]) + int(row[_GROUPS])

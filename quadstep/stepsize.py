@@ -255,7 +255,8 @@ class Lagged(StepSizePolicy):
         num_t = m.previous_alpha * m.lagged_dcd - m.slope
         ok = torch.isfinite(num_t) & torch.isfinite(m.lagged_dcd) & torch.isfinite(m.grad_sq)
         num = torch.where(ok, state["numerator"] * self.beta + num_t * (1 - self.beta), state["numerator"])
-        den = torch.where(ok, state["denominator"] * self.beta + m.lagged_dcd * (1 - self.beta), state["denominator"])
+        den = state["denominator"]
+        den = torch.where(ok, den * self.beta + m.lagged_dcd * (1 - self.beta), den)
         raw = num / den
         defined = (den > 0) & torch.isfinite(raw)
         alpha = torch.where(defined, raw.clamp(self.alpha_min, self.alpha_max), state["alpha"])

@@ -661,7 +661,8 @@ class BackpackCurvature:
     ) -> list[list[Tensor]]:
         """:meth:`quadratic_forms` for each set of directions, all from one sweep."""
         n = len(params)
-        forms = self.quadratic_forms(list(params) * len(direction_sets), [d for ds in direction_sets for d in ds])
+        directions = [d for ds in direction_sets for d in ds]
+        forms = self.quadratic_forms(list(params) * len(direction_sets), directions)
         return [forms[i * n : (i + 1) * n] for i in range(len(direction_sets))]
 
     def block_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
