@@ -220,19 +220,18 @@ class QuadraticLineSearch(Optimizer):
     ) -> tuple[Measurement, tuple[Tensor, Tensor] | None]:
         """What the policies are given: dᵀg, the forms queried, the lagged slope and step size; with
         ``maximize`` those of the objective -L (gradient -g, curvature -C)."""
-        if maximize:
-            forms = {name: -value for name, value in forms.items()}
-            params_grads = [-p.grad for p in params]
-        else:
-            params_grads = [p.grad for p in params]
         device = grad_sq.device
-        block_dg = stack_on([dot(d, g) for d, g in zip(ds, params_grads)], device)
+        block_dg = stack_on([dot(d, p.grad) for d, p in zip(ds, params)], device)
+        if maximize:  # the scalars of -L, not a negated copy of every gradient
+            forms = {name: -value for name, value in forms.items()}
+            block_dg = -block_dg
         nan = torch.full_like(grad_sq, math.nan)
         lagged = "previous" in forms
         slope, previous_alpha = nan, nan
         if lagged:
             previous = [self._previous[p] for p in params]
-            slope = stack_on([dot(v, g) for v, g in zip(previous, params_grads)], device).sum()
+            slope = stack_on([dot(v, p.grad) for v, p in zip(previous, params)], device).sum()
+            slope = -slope if maximize else slope
             previous_alpha = self._previous_alpha if self._previous_alpha is not None else nan
         measured = Measurement(
             block_dg.sum(),
