@@ -170,8 +170,16 @@ def headline(rows: Sequence[dict[str, Any]]) -> dict[Config, list[dict[str, Any]
             picked[config] = runs
     order = {"adam": 0, "quadstep_adam": 1, "prodigy": 2, "dadapt_adam": 3, "schedulefree_adamw": 4, "sgd": 5}
     return dict(
-        sorted(picked.items(), key=lambda kv: (order.get(kv[0][0], 9), not kv[0][3].startswith("scale"), kv[0][1]))
+        sorted(
+            picked.items(),
+            key=lambda kv: (order.get(kv[0][0], 9), not kv[0][3].startswith("scale"), kv[0][1]),
+        )
     )
+
+
+def _classification(meta: dict[str, Any], workload: str) -> bool:
+    """Whether the workload's loss is cross-entropy (its metric is the accuracy), by the run's metadata."""
+    return meta.get("workloads", {}).get(workload, {}).get("loss", "cross_entropy") == "cross_entropy"
 
 
 def overview(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
@@ -184,7 +192,7 @@ def overview(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for workload in dict.fromkeys(r["workload"] for r in rows):
         wrows = [r for r in rows if r["workload"] == workload]
-        classification = meta.get("workloads", {}).get(workload, {}).get("loss", "cross_entropy") == "cross_entropy"
+        classification = _classification(meta, workload)
         groups = by_config(wrows)
 
         def cell(config: Config | None, lr_label: bool = False) -> str:
@@ -241,20 +249,27 @@ def policies_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list
     counts = {k: [0, 0, 0] for k in variants}  # reached Adam, tied both peers, workloads run
     for workload in dict.fromkeys(r["workload"] for r in rows):
         wrows = [r for r in rows if r["workload"] == workload]
-        classification = meta.get("workloads", {}).get(workload, {}).get("loss", "cross_entropy") == "cross_entropy"
+        classification = _classification(meta, workload)
         groups = by_config(wrows)
         adam = {c: _metric(runs, classification) for c, runs in groups.items() if c[0] == "adam"}
         if not adam:
             continue
         sign = -1 if classification else 1
-        best = min(adam, key=lambda c: sign * adam[c][0] if adam[c][2] and not math.isnan(adam[c][0]) else math.inf)
+        def rank(c: Config) -> float:
+            mean, _, complete = adam[c]
+            return sign * mean if complete and not math.isnan(mean) else math.inf
+
+        best = min(adam, key=rank)
         target = adam[best]
-        peer = {name: _metric(runs, classification) for c, runs in groups.items() for name in peers if c[0] == name}
+        peer = {c[0]: _metric(runs, classification) for c, runs in groups.items() if c[0] in peers}
 
         def text(m: tuple[float, float, bool]) -> str:
             if math.isnan(m[0]):
                 return "–"
-            value = f"{100 * m[0]:.1f} ± {100 * m[1]:.1f} %" if classification else f"{m[0]:.4g} ± {m[1]:.2g}"
+            if classification:
+                value = f"{100 * m[0]:.1f} ± {100 * m[1]:.1f} %"
+            else:
+                value = f"{m[0]:.4g} ± {m[1]:.2g}"
             return value if m[2] else value + " (diverged)"
 
         cells = [workload, f"lr {best[1]:g}: {text(target)}"]
@@ -273,7 +288,8 @@ def policies_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list
             cells.append(text(m) + (" " + " ".join(marks) if marks else ""))
         cells += [text(peer[name]) if name in peer else "–" for name in peers]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| variant | reaches best Adam | beats or ties Prodigy and Schedule-Free |", "| --- | --- | --- |"]
+    lines += ["", "| variant | reaches best Adam | beats or ties Prodigy and Schedule-Free |"]
+    lines += ["| --- | --- | --- |"]
     lines += [f"| {variants[k]} | {c[0]} of {c[2]} | {c[1]} of {c[2]} |" for k, c in counts.items() if c[2]]
     return lines
 
@@ -312,7 +328,8 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> st
         "Test metric (accuracy, else test loss), mean ± std over seeds. *Best Adam*: the lr of the grid "
         "with the best mean test metric. A cell is marked ✓ when it reaches that (better, or within the "
         "larger of the two seed stds, or for accuracy within 1 point), and ≥P / ≥S when it beats or ties "
-        "Prodigy / Schedule-Free by the same rule. Rows with a run that diverged or failed count as not reached.",
+        "Prodigy / Schedule-Free by the same rule. Rows with a run that diverged or failed count as "
+        "not reached.",
         "",
         *policies_table(rows, meta),
         "",
@@ -356,7 +373,11 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> st
                     + (f", {median / adam:.3g}× the best lr)." if adam else ").")
                 )
         groups = by_config(wrows)
-        scores = {c: score(runs) for c, runs in groups.items() if c[0] == "quadstep_adam" and c[3].startswith("scale")}
+        scores = {
+            c: score(runs)
+            for c, runs in groups.items()
+            if c[0] == "quadstep_adam" and c[3].startswith("scale")
+        }
         finite = {c: v for c, v in scores.items() if math.isfinite(v)}
         if adam and finite:
             best_alpha = min(finite, key=finite.__getitem__)
@@ -519,12 +540,9 @@ def plot_workload(
         curves = [_alpha_star(logs[r["run_id"]]) for r in runs if r["run_id"] in logs]
         curves = [c for c in curves if any(math.isfinite(v) for v in c)]
         if curves:
-            steps = max(len(c) for c in curves)
-            pooled = [[c[t] for c in curves if t < len(c)] for t in range(steps)]
-            per_step = [sorted(v for v in p if math.isfinite(v)) for p in pooled]
-            medians = [v[len(v) // 2] if v else math.nan for v in per_step]
+            medians = _median_curve(curves)
             ax.plot(
-                _rolling_median(medians, max(steps // 50, 5)),
+                _rolling_median(medians, max(len(medians) // 50, 5)),
                 lw=1.4,
                 **styles[i % len(styles)],
                 label=runs[0]["label"],

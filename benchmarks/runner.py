@@ -23,6 +23,8 @@ from backpack import backpack, extend
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from quadstep.records import COLUMNS as RECORD_COLUMNS
+from quadstep.records import POLICY_FIELDS
 from quadstep.stepsize import POLICIES as POLICY_NAMES
 
 from . import report
@@ -55,20 +57,14 @@ RESULT_COLUMNS = (
     "run_id",
     "error",
 )
-#: Columns of logs/<workload>.csv, one row per step of every run (alpha columns: quadstep runs only).
+#: Columns of logs/<workload>.csv, one row per step of every run (record columns: quadstep runs only):
+#: the loss, then quadstep's record columns and each built-in policy's.
 LOG_COLUMNS = (
     "run_id",
     "step",
     "loss",
-    "alpha_star",
-    "alpha",
-    "dg",
-    "dHd",
-    "status",
-    "policy_status",
-    "slope",
-    "lagged_dHd",
-    *(f"{name}.{field}" for name in POLICY_NAMES for field in ("alpha", "numerator", "denominator")),
+    *RECORD_COLUMNS[1:],
+    *(f"{name}.{field}" for name in POLICY_NAMES for field in POLICY_FIELDS),
 )
 #: A run whose final training loss exceeds its initial one by this factor has diverged.
 DIVERGENCE_FACTOR = 10.0
