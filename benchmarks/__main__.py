@@ -107,16 +107,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     import quadstep
 
+    from .submissions import ABLATIONS
+
     unknown = set(args.curvatures or ()) - set(quadstep.CURVATURES)
     if unknown:
         parser.error(
             f"unknown curvature(s) {', '.join(sorted(unknown))}; choose from {', '.join(quadstep.CURVATURES)}"
         )
     policies = []
+    names = [*quadstep.stepsize.POLICIES, *ABLATIONS]
     for spec in args.policies or ():
         name, _, every = spec.partition("@")
-        if name not in quadstep.stepsize.POLICIES or (every and not every.isdigit()) or every == "0":
-            parser.error(f"--policies: {spec!r} is not NAME[@K] with NAME in {', '.join(quadstep.stepsize.POLICIES)}")
+        if name not in names or (every and not every.isdigit()) or every == "0":
+            parser.error(f"--policies: {spec!r} is not NAME[@K] with NAME in {', '.join(names)}")
         policies.append((name, int(every or 1)))
     args.policies = policies or None
     if args.threads < 1:

@@ -16,7 +16,7 @@ Plain optimizers run on a plain model; only quadstep with a BackPACK curvature r
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 import quadstep
 from quadstep import QuadraticLineSearchAdam
+from quadstep.stepsize import Corrected, Measurement, PolicyState, Proposal, StepSizePolicy
 
 #: Half-decade log grid; beyond the issue's 1e-4…1e-1 so that the best lr is not at its edge.
 ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
@@ -36,6 +37,23 @@ DEFAULT_LR = 1e-3
 BACKPACK_CURVATURES = tuple(
     c for c in quadstep.CURVATURES if c not in getattr(quadstep.curvature, "EXACT_CURVATURES", ())
 )
+class _Uncorrected(Corrected):
+    """The ablation of :class:`~quadstep.stepsize.Corrected` without its noise correction: the
+    averaged same-batch ratio EMA(-dᵀg) / EMA(dᵀCd)."""
+
+    name = "uncorrected"
+    noise = False
+
+    def propose(self, m: Measurement, state: PolicyState) -> tuple[Proposal, PolicyState]:
+        return super().propose(m._replace(noise=torch.zeros_like(m.dg)), state)
+
+
+#: Step-size policies that exist for the benchmark's ablations only, by name.
+ABLATIONS: dict[str, Callable[[], StepSizePolicy]] = {
+    "corrected-raw": lambda: Corrected(beta=0.0),  # the corrected same-batch alpha*, unaveraged
+    "uncorrected": _Uncorrected,
+}
+
 #: quadstep's step-size policies in scale mode: (policy, every), with every curvature.
 POLICIES = (("greedy", 1), ("lagged", 1), ("lagged", 10))
 #: The defaults of the peers, as their packages ship them.
@@ -138,7 +156,8 @@ class Submission:
                     )
                 kwargs = {"model": model, "loss_fn": loss_fn}
             if self.mode == "scale":
-                kwargs.update(step_size=self.step_size, every=self.every)
+                step_size = ABLATIONS[self.step_size]() if self.step_size in ABLATIONS else self.step_size
+                kwargs.update(step_size=step_size, every=self.every)
             return QuadraticLineSearchAdam(
                 params, lr=self.lr, curvature=self.curvature, mode=self.mode, history_size=None, **kwargs
             )

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import direction as directions
-from .curvature import make_curvature
+from .curvature import EXACT_CURVATURES, make_curvature
 from .curvature._common import dot, stack_on
 from .records import History, StepRecord
 from .stepsize import (
@@ -40,11 +40,12 @@ class QuadraticLineSearch(Optimizer):
     ``step()`` reads as the three ideas in order: the direction (:mod:`quadstep.direction`), the
     curvature along it (:mod:`quadstep.curvature`), the step size (:mod:`quadstep.stepsize`'s
     policy), then the update and the record. A subclass sets :attr:`direction` (a function of
-    :mod:`quadstep.direction`) and :attr:`decoupled_weight_decay` (whether ``weight_decay``
+    :mod:`quadstep.direction`), :attr:`gain` (the weight of the current gradient in it) and :attr:`decoupled_weight_decay` (whether ``weight_decay``
     shrinks the parameters, as AdamW does, instead of entering the direction).
     """
 
     direction: Callable[..., list[Tensor]]
+    gain: Callable[[dict[str, Any], list[dict[str, Any]]], list[Tensor]]
     decoupled_weight_decay: bool
 
     def __init__(
@@ -82,7 +83,16 @@ class QuadraticLineSearch(Optimizer):
                 f"per_block=True steps each block with its own alpha*, which only step_size='greedy' "
                 f"defines; got step_size={policy!r}."
             )
-        curvature_query = make_curvature(curvature, model, loss_fn)  # validates the name
+        # Observe mode records every built-in policy's proposal along the direction's own steps (those
+        # that need per-sample statistics only where the curvature gives them).
+        per_sample = curvature not in EXACT_CURVATURES
+        others = [
+            cls()
+            for cls in POLICIES.values()
+            if mode == "observe" and not isinstance(policy, cls) and (per_sample or not cls.noise)
+        ]
+        noise = any(p.noise for p in [policy, *others])
+        curvature_query = make_curvature(curvature, model, loss_fn, moments=noise)  # validates the name
         super().__init__(params, defaults)
         self.curvature = curvature
         self.mode = mode
@@ -91,10 +101,9 @@ class QuadraticLineSearch(Optimizer):
         self.history = History(history_size)
         self.per_block = bool(per_block)
         self._curvature = curvature_query
-        # Observe mode records every built-in policy's proposal along the direction's own steps.
-        others = [cls() for cls in POLICIES.values() if mode == "observe" and not isinstance(policy, cls)]
         self._policies: list[StepSizePolicy] = [policy, *others]
         self._lagged = any(p.lagged for p in self._policies)  # keeps d_{t-1} for a lagged measurement
+        self._noise = noise
         self._policy_states: list[PolicyState] | None = None
         self._previous_alpha: Tensor | None = None
         self._previous: dict[Tensor, Tensor] = {}  # d_{t-1} per parameter, kept when step t measures
@@ -136,11 +145,8 @@ class QuadraticLineSearch(Optimizer):
         Returns:
             The closure's loss, or None.
         """
-        loss = None
         t = self._steps + 1
-        if closure is not None:
-            with torch.enable_grad(), self._curvature.context(measure=self._checks(t)):
-                loss = closure()
+        loss = self._evaluate(closure, t)
         groups = self._groups_with_grads()
         params = [p for _, ps in groups for p in ps]
         if not params:
@@ -151,18 +157,15 @@ class QuadraticLineSearch(Optimizer):
         maximize = self._maximizing(groups)
         saved = None
         try:
-            # Along d_{t-1} alone the curvature is queried (and its products freed) before any state
-            # changes; along d_t, after the direction has moved the state it copied first.
-            forms = None if "current" in sets else self._query(params, [], sets)
-            if forms is not None:
+            # Along d_{t-1} alone the curvature is queried (and its products freed) before the direction
+            # changes any state; along d_t after it, from a copy of the state taken first.
+            local = None if "current" in sets else self._query(params, [], sets)
+            if local is not None:
                 self._curvature.release(params)
-            # On a step that queries nothing (every > 1) only quadstep's own tensor arithmetic follows
-            # the direction: the copy (a page-faulting allocation per state tensor) is skipped there.
             saved = _saved(self.state, params) if sets else None
             ds, grad_sq = self._directions(groups, self.state.__getitem__)
-            if forms is None:
-                forms = self._query(params, ds, sets)
-            measured, blocks = self._measurement(params, ds, grad_sq, forms, maximize)
+            local = self._query(params, ds, sets) if local is None else local
+            measured, blocks = self._measurement(groups, params, ds, grad_sq, local, maximize)
             proposals, policy_states = self._propose(measured)
             alphas, per_param, shrinks, rule = self._step_sizes(groups, measured, proposals[0], blocks)
             record = self._record(t, measured, proposals, alphas, rule)
@@ -175,6 +178,13 @@ class QuadraticLineSearch(Optimizer):
             self._curvature.release(params)
         self._commit(t, params, ds, policy_states, alphas, record)
         return loss
+
+    def _evaluate(self, closure: Callable[[], Tensor] | None, t: int) -> Tensor | None:
+        """Run the closure, if any, with gradients and inside the curvature's context for step ``t``."""
+        if closure is None:
+            return None
+        with torch.enable_grad(), self._curvature.context(measure=self._checks(t)):
+            return closure()
 
     def _checks(self, step: int) -> bool:
         """Whether step ``step`` needs the curvature's products (or recorded forwards) to be ready:
@@ -192,58 +202,77 @@ class QuadraticLineSearch(Optimizer):
         return current + (("previous",) if self._previous else ())
 
     def _query(self, params: list[Tensor], ds: list[Tensor], sets: tuple[str, ...]) -> dict[str, Tensor]:
-        """dᵀCd along each queried direction (and per block with per_block): one curvature query,
-        one all-reduce under DDP."""
+        """This rank's terms of dᵀCd along each queried direction (and per block with per_block), and
+        the slope d_{t-1}ᵀg: one curvature query; :meth:`_measurement` all-reduces them."""
+        directions = {"current": ds, "previous": [self._previous.get(p) for p in params]}
+        if any(d is None for d in directions["previous"]):
+            sets = tuple(s for s in sets if s != "previous")  # a parameter without d_{t-1}: no lagged test
         if not sets:
             return {}
-        directions = {"current": ds, "previous": [self._previous.get(p) for p in params]}
-        if any(d is None for d in directions["previous"]) and "previous" in sets:
-            sets = tuple(s for s in sets if s != "previous")  # a parameter without d_{t-1}: no lagged test
-            if not sets:
-                return {}
+        device = params[0].device
         terms = self._curvature.forms_along(params, [directions[name] for name in sets])
+        local = {name: stack_on(ts, device).sum() for name, ts in zip(sets, terms)}
         if self.per_block:
             blocks = terms[0] if self._curvature.block_diagonal else self._curvature.block_forms(params, ds)
-            terms, sets = [*terms, blocks], (*sets, "blocks")
+            local["blocks"] = stack_on(blocks, device)
+        if "previous" in sets:
+            local["slope"] = stack_on([dot(v, p.grad) for v, p in zip(directions["previous"], params)], device).sum()
+        return local
+
+    def _noise_terms(self, groups: list[tuple[dict[str, Any], list[Tensor]]], params: list[Tensor]) -> Tensor:
+        r"""This rank's :math:`\sum_p \langle W_p, S_p\rangle`, :math:`\sum_p \langle W_p, g_p^2\rangle` and
+        :math:`N`, for the batch-noise estimate of :meth:`_measurement` (:class:`~quadstep.stepsize.Corrected`):
+        :math:`W` the gradient's weight in d, :math:`S` the sum of squared per-sample gradients."""
+        squares, batch = self._curvature.second_moments(params)
+        gains = [w for group, ps in groups for w in self.gain(group, [self.state[p] for p in ps])]
         device = params[0].device
-        values = self._average_over_ranks(stack_on([v for ts in terms for v in ts], device))
-        parts = values.split([len(ts) for ts in terms])
-        return {name: part if name == "blocks" else part.sum() for name, part in zip(sets, parts)}
+        x = stack_on([(w * s).sum() for w, s in zip(gains, squares)], device).sum()
+        y = stack_on([(w * p.grad * p.grad).sum() for w, p in zip(gains, params)], device).sum()
+        return torch.stack([x, y, torch.full_like(x, batch)])
 
     def _measurement(
         self,
+        groups: list[tuple[dict[str, Any], list[Tensor]]],
         params: list[Tensor],
         ds: list[Tensor],
         grad_sq: Tensor,
-        forms: dict[str, Tensor],
+        local: dict[str, Tensor],
         maximize: bool,
     ) -> tuple[Measurement, tuple[Tensor, Tensor] | None]:
-        """What the policies are given: dᵀg, the forms queried, the lagged slope and step size; with
-        ``maximize`` those of the objective -L (gradient -g, curvature -C)."""
+        r"""What the policies are given, every rank's terms averaged in one all-reduce; with ``maximize``
+        those of the objective -L (gradient -g, curvature -C). The batch noise in :math:`-d^\top g`
+        (a noise-correcting policy, on a measuring step) is
+        :math:`\nu = (N \bar x - y)/(RN - 1)` over R ranks of N samples, from :meth:`_noise_terms`."""
         device = grad_sq.device
         block_dg = stack_on([dot(d, p.grad) for d, p in zip(ds, params)], device)
-        if maximize:  # the scalars of -L, not a negated copy of every gradient
-            forms = {name: -value for name, value in forms.items()}
-            block_dg = -block_dg
+        noisy = self._noise and "current" in local
+        if noisy:
+            local = {**local, "noise": self._noise_terms(groups, params)}
+        forms: dict[str, Tensor] = {}
+        if local:
+            values = self._average_over_ranks(torch.cat([v.reshape(-1) for v in local.values()]))
+            parts = values.split([v.numel() for v in local.values()])
+            forms = {k: part.reshape(v.shape) for (k, v), part in zip(local.items(), parts)}
+        sign = -1.0 if maximize else 1.0  # the scalars of -L, not a negated copy of every gradient
         nan = torch.full_like(grad_sq, math.nan)
+        noise = None
+        if noisy:
+            x, y, batch = forms["noise"].unbind()
+            noise = (batch * x - y) / (batch * _world_size() - 1)
         lagged = "previous" in forms
-        slope, previous_alpha = nan, nan
-        if lagged:
-            previous = [self._previous[p] for p in params]
-            slope = stack_on([dot(v, p.grad) for v, p in zip(previous, params)], device).sum()
-            slope = -slope if maximize else slope
-            previous_alpha = self._previous_alpha if self._previous_alpha is not None else nan
+        previous_alpha = self._previous_alpha if lagged and self._previous_alpha is not None else nan
         measured = Measurement(
-            block_dg.sum(),
-            forms.get("current", nan),
+            sign * block_dg.sum(),
+            sign * forms["current"] if "current" in forms else nan,
             grad_sq,
-            slope,
-            forms.get("previous", nan),
+            sign * forms["slope"] if lagged else nan,
+            sign * forms["previous"] if lagged else nan,
             previous_alpha,
             "current" in forms,
             lagged,
+            noise,
         )
-        return measured, (block_dg, forms["blocks"]) if "blocks" in forms else None
+        return measured, (sign * block_dg, sign * forms["blocks"]) if "blocks" in forms else None
 
     def _propose(self, measured: Measurement) -> tuple[list[Proposal], list[PolicyState]]:
         """Every policy's proposal and new state (committed only once the step has succeeded)."""
@@ -460,6 +489,12 @@ class QuadraticLineSearch(Optimizer):
         self._previous = {params[i]: d.to(params[i].device) for i, d in extra.get("previous", {}).items()}
 
 
+def _world_size() -> int:
+    """The number of ranks the gradient is averaged over (1 without a process group)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _policy(
     step_size: str | StepSizePolicy, alpha_min: float | None, alpha_max: float | None
 ) -> StepSizePolicy:
@@ -604,6 +639,7 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
     """
 
     direction = staticmethod(directions.adam)
+    gain = staticmethod(directions.adam_gain)
     decoupled_weight_decay = True
 
     def __init__(
@@ -740,6 +776,7 @@ class QuadraticLineSearchSGD(QuadraticLineSearch):
     """
 
     direction = staticmethod(directions.sgd)
+    gain = staticmethod(directions.sgd_gain)
     decoupled_weight_decay = False
 
     def __init__(

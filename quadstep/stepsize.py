@@ -107,7 +107,9 @@ class Measurement(NamedTuple):
     (``dcd`` is NaN when ``measured`` is False). ``slope``, ``lagged_dcd``: :math:`s_t = d_{t-1}^\top g_t`
     and :math:`q_t = d_{t-1}^\top C_t d_{t-1}` along the previous direction, and ``previous_alpha``
     :math:`\alpha_{t-1}`, the step size taken along it (NaN unless ``lagged``). ``grad_sq``:
-    :math:`g^\top g`, NaN/Inf for a non-finite gradient.
+    :math:`g^\top g`, NaN/Inf for a non-finite gradient. ``noise``: the estimate
+    :math:`\nu_t = \sum_i w_i \widehat{\mathrm{Var}}(g)_i` of the batch noise in :math:`-d_t^\top g_t`
+    (:class:`Corrected`; NaN where the step did not estimate it).
     """
 
     dg: Tensor
@@ -118,6 +120,7 @@ class Measurement(NamedTuple):
     previous_alpha: Tensor
     measured: bool  #: the curvature along the current direction was queried on this step
     lagged: bool  #: the curvature along the previous direction was
+    noise: Tensor | None = None
 
 
 class Proposal(NamedTuple):
@@ -141,12 +144,15 @@ class StepSizePolicy(abc.ABC):
         name: the name :func:`make_policy` knows it by (also the prefix of its record columns).
         current: whether it needs the curvature along the current direction.
         lagged: whether it needs the curvature along the previous direction.
+        noise: whether it needs the batch-noise estimate ``Measurement.noise`` (per-sample
+            gradient statistics: BackPACK's ``SumGradSquared``, from the same backward).
         alpha_min, alpha_max: the clipping range of the alpha it proposes.
     """
 
     name: str
     current: bool = True
     lagged: bool = False
+    noise: bool = False
 
     def __init__(self, alpha_min: float = 0.0, alpha_max: float = 0.1) -> None:
         if not 0.0 <= alpha_min:  # False for NaN too
@@ -257,6 +263,11 @@ class Lagged(StepSizePolicy):
         num = torch.where(ok, state["numerator"] * self.beta + num_t * (1 - self.beta), state["numerator"])
         den = state["denominator"]
         den = torch.where(ok, den * self.beta + m.lagged_dcd * (1 - self.beta), den)
+        return self._ratio(num, den, ok, state)
+
+    def _ratio(self, num: Tensor, den: Tensor, ok: Tensor, state: PolicyState) -> tuple[Proposal, PolicyState]:
+        """The clipped ratio of the averages, its status, and the new state (the last alpha kept while
+        the ratio is undefined)."""
         raw = num / den
         defined = (den > 0) & torch.isfinite(raw)
         alpha = torch.where(defined, raw.clamp(self.alpha_min, self.alpha_max), state["alpha"])
@@ -276,8 +287,52 @@ class Lagged(StepSizePolicy):
         return Proposal(alpha, num, den, code), {"alpha": alpha, "numerator": num, "denominator": den}
 
 
+class Corrected(Lagged):
+    r"""The current batch's minimiser along the current direction, with the batch noise removed from
+    its numerator, averaged over steps.
+
+    The current gradient enters the direction with the weight :math:`W_t = -\partial d_t/\partial g_t`
+    (Adam: :math:`\frac{1-\beta_1}{1-\beta_1^t}\,\mathrm{diag}(1/(\sqrt{\hat v_t}+\epsilon))` at fixed
+    :math:`\hat v_t`; SGD: a scalar), so the same batch's :math:`-d_t^\top g_t` holds its noise twice:
+    :math:`\mathbb E[-d_t^\top g_t] = -\mathbb E[d_t]^\top \mathbb E[g_t] + \mathrm{tr}(W_t\,\mathrm{Var}(g_t))`.
+    From the batch's per-sample gradients :math:`b_n` (:math:`\sum_n b_n = g`, BackPACK's
+    ``SumGradSquared`` gives :math:`S = \sum_n b_n^2`), :math:`\widehat{\mathrm{Var}}(g) = (N S - g^2)/(N-1)`
+    is unbiased for independent samples, and the policy steps with
+
+    .. math::
+        \alpha_t = \mathrm{clip}\Big(\frac{\mathrm{EMA}_\beta(-d_t^\top g_t - \nu_t)}
+        {\mathrm{EMA}_\beta(d_t^\top C_t d_t)}, \alpha_{\min}, \alpha_{\max}\Big), \qquad
+        \nu_t = \mathrm{tr}\big(W_t \widehat{\mathrm{Var}}(g_t)\big).
+
+    ``beta = 0`` is the corrected same-batch :math:`\alpha^*` itself. Non-finite terms leave the
+    averages; while :math:`\mathrm{EMA}(d^\top C d) \le 0` the last alpha is kept; the group's lr until
+    the first measurement (``warm-up``). Needs a BackPACK curvature (per-sample statistics in the
+    same backward).
+
+    Args:
+        beta: EMA factor of numerator and denominator (default: 0.99).
+        alpha_min: lower clip (default: 0).
+        alpha_max: upper clip (default: 0.1).
+    """
+
+    name = "corrected"
+    current = True
+    lagged = False
+    noise = True
+
+    def propose(self, m: Measurement, state: PolicyState) -> tuple[Proposal, PolicyState]:
+        if not m.measured or m.noise is None:
+            return self._kept(state), state
+        num_t = -m.dg - m.noise
+        ok = torch.isfinite(num_t) & torch.isfinite(m.dcd) & torch.isfinite(m.grad_sq)
+        num = torch.where(ok, state["numerator"] * self.beta + num_t * (1 - self.beta), state["numerator"])
+        den = state["denominator"]
+        den = torch.where(ok, den * self.beta + m.dcd * (1 - self.beta), den)
+        return self._ratio(num, den, ok, state)
+
+
 #: The built-in policies, by name.
-POLICIES: dict[str, type[StepSizePolicy]] = {"greedy": Greedy, "lagged": Lagged}
+POLICIES: dict[str, type[StepSizePolicy]] = {"greedy": Greedy, "lagged": Lagged, "corrected": Corrected}
 
 
 def make_policy(policy: str | StepSizePolicy) -> StepSizePolicy:

@@ -45,10 +45,11 @@ DEADLINE_S = 240  # whole spawn, startup included; a hang fails here
 COLLECTIVE_TIMEOUT = timedelta(seconds=90)
 
 # name -> (local batch sizes per rank, loss reduction, mode, average dCd over ranks, eps on each rank);
-# mode "scale" steps with step_size="greedy", "lagged" with step_size="lagged"
+# mode "scale" steps with step_size="greedy", "lagged" and "corrected" (scale mode) with those policies
 CONFIGS: dict[str, tuple[tuple[int, ...], str, str, bool, float]] = {
     "scale": ((8, 8), "mean", "scale", True, 1e-8),
     "lagged": ((8, 8), "mean", "lagged", True, 1e-8),  # scale mode, step_size="lagged"
+    "corrected": ((8, 8), "mean", "corrected", True, 1e-8),  # per-sample statistics of both ranks
     "observe": ((8, 8), "mean", "observe", True, 1e-8),
     "scale-no-average": ((8, 8), "mean", "scale", False, 1e-8),
     "unequal-mean": ((5, 11), "mean", "scale", True, 1e-8),
@@ -79,8 +80,8 @@ def train(name: str, rank: int, world: int) -> dict[str, Any]:
     inner = extend(make_model())
     model = DDP(inner) if world > 1 else inner
     loss_fn = extend(nn.CrossEntropyLoss(reduction=reduction))
-    policy = {"step_size": "lagged" if mode == "lagged" else "greedy", "alpha_max": 1.0}
-    mode = "scale" if mode == "lagged" else mode
+    policy = {"step_size": mode if mode in ("lagged", "corrected") else "greedy", "alpha_max": 1.0}
+    mode = "scale" if mode in ("lagged", "corrected") else mode
     opt = QuadraticLineSearchAdam(model.parameters(), lr=1e-2, eps=eps, curvature="hessian", mode=mode, **policy)
     if not average:
         opt._average_over_ranks = lambda values: values  # what happens without the all-reduce
@@ -195,7 +196,7 @@ def record_column(records: list[dict[str, Any]], key: str) -> torch.Tensor:
     return torch.tensor([r[key] for r in records], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", ["scale", "lagged", "observe", "unequal-mean", "unequal-sum"])
+@pytest.mark.parametrize("name", ["scale", "lagged", "corrected", "observe", "unequal-mean", "unequal-sum"])
 def test_ranks_take_identical_steps(runs: dict[str, Any], name: str) -> None:
     r0, r1 = (runs["ranks"][r][name] for r in range(WORLD))
     assert torch.equal(r0["params"], r1["params"])
@@ -210,7 +211,7 @@ def test_one_all_reduce_per_step(runs: dict[str, Any]) -> None:
     assert all(run["all_reduces"] == 0 for run in runs["single"].values())  # no process group
 
 
-@pytest.mark.parametrize("name", ["scale", "lagged", "observe", "unequal-sum"])
+@pytest.mark.parametrize("name", ["scale", "lagged", "corrected", "observe", "unequal-sum"])
 def test_two_ranks_match_one_process_over_the_whole_batch(runs: dict[str, Any], name: str) -> None:
     ddp, single = runs["ranks"][0][name], runs["single"][name]
     # float32 rounding (gradient all-reduce order, dCd averaging), carried through 20 steps;
@@ -226,6 +227,14 @@ def test_two_ranks_match_one_process_over_the_whole_batch(runs: dict[str, Any], 
         )
     assert [r["status"] for r in ddp["records"]] == [r["status"] for r in single["records"]]
     if CONFIGS[name][2] == "lagged":  # the lagged alpha (clipped to [0, 1]) drove the steps after the first
+        assert sum(r["policy_status"] in ("ok", "clipped-max", "clipped-min") for r in single["records"]) >= STEPS - 3
+    if CONFIGS[name][2] == "corrected":  # the noise estimate over both ranks' samples is the whole batch's
+        torch.testing.assert_close(
+            record_column(ddp["records"], "corrected.numerator"),
+            record_column(single["records"], "corrected.numerator"),
+            rtol=1e-3,
+            atol=1e-6,
+        )
         assert sum(r["policy_status"] in ("ok", "clipped-max", "clipped-min") for r in single["records"]) >= STEPS - 3
     if CONFIGS[name][2] == "scale":  # alpha* (clipped to [0, 1]) really drove the steps
         defined = [r["status"] in ("ok", "clipped-max", "clipped-min") for r in single["records"]]

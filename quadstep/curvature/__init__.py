@@ -19,17 +19,26 @@ CURVATURES: tuple[str, ...] = BackpackCurvature.NAMES + ExactCurvature.NAMES
 EXACT_CURVATURES: tuple[str, ...] = ExactCurvature.NAMES
 
 
-def make_curvature(name: str, model: nn.Module | None = None, loss_fn: nn.Module | None = None) -> Curvature:
+def make_curvature(
+    name: str, model: nn.Module | None = None, loss_fn: nn.Module | None = None, moments: bool = False
+) -> Curvature:
     """The curvature query called ``name`` (one of :data:`CURVATURES`).
 
     ``model`` and ``loss_fn`` are required by :data:`EXACT_CURVATURES`; BackPACK curvatures use ``model``,
-    when given, to free activations early.
+    when given, to free activations early, and with ``moments`` also compute per-sample gradient
+    statistics (``second_moments``), which the exact ones cannot.
     """
     if name not in CURVATURES:
         raise ValueError(f"Invalid curvature: {name!r} (choose one of {', '.join(map(repr, CURVATURES))})")
     if name in EXACT_CURVATURES:
+        if moments:
+            raise ValueError(
+                f"curvature={name!r} gives no per-sample gradient statistics, which step_size='corrected' "
+                "needs; use a BackPACK curvature ('hessian', 'ggn', 'pch-clip', 'pch-abs') with it, or "
+                "step_size='lagged', which needs none."
+            )
         return ExactCurvature(name, model, loss_fn)
-    return BackpackCurvature(name, model=model)
+    return BackpackCurvature(name, model=model, moments=moments)
 
 
 __all__ = [

@@ -58,7 +58,7 @@ import torch
 from backpack import CTX, backpack, memory_cleanup
 from backpack.core.derivatives.maxpoolnd import MaxPoolNDDerivatives
 from backpack.core.derivatives.relu import ReLUDerivatives
-from backpack.extensions import GGNMP, HMP, PCHMP
+from backpack.extensions import GGNMP, HMP, PCHMP, SumGradSquared
 from backpack.extensions.backprop_extension import FAIL_ERROR, FAIL_SILENT, BackpropExtension
 from backpack.extensions.curvmatprod.ggnmp.ggnmpbase import GGNMPBase
 from backpack.extensions.curvmatprod.pchmp.pchmpbase import PCHMPBase
@@ -558,15 +558,32 @@ class _Idle(BackpropExtension):
             _quiet_backward()
 
 
-class _HMP(_ClearErrors, HMP, _Traceable):
+class _SecondMoments:
+    """Mix-in that, when ``moments`` is set, also runs BackPACK's ``SumGradSquared`` on every layer,
+    before the curvature's own extension (which may compact the layer's input), and notes the batch
+    size :math:`N` (the loss input's first dimension) in ``batch``."""
+
+    moments: BackpropExtension | None = None
+    batch: list[int]
+
+    def __call__(self, module: nn.Module, g_inp: Any, g_out: Any) -> None:
+        if self.moments is not None:
+            if is_loss(module):
+                self.batch[0] = module.input0.shape[0]
+            else:
+                self.moments(module, g_inp, g_out)
+        super().__call__(module, g_inp, g_out)  # type: ignore[misc]
+
+
+class _HMP(_SecondMoments, _ClearErrors, HMP, _Traceable):
     pass
 
 
-class _GGNMP(_ClearErrors, GGNMP, _Traceable):
+class _GGNMP(_SecondMoments, _ClearErrors, GGNMP, _Traceable):
     pass
 
 
-class _PCHMP(_ClearErrors, PCHMP, _Traceable):
+class _PCHMP(_SecondMoments, _ClearErrors, PCHMP, _Traceable):
     pass
 
 
@@ -582,6 +599,8 @@ class BackpackCurvature:
         model: the extended model (optional): lets the backward free each activation
             BackPACK keeps as soon as no product needs more than a mask, indices or a shape
             of it (see ``_Traced._compact``), which lowers the peak memory of conv nets.
+        moments: also compute BackPACK's ``SumGradSquared`` in the same backward, for
+            :meth:`second_moments`.
     """
 
     _EXTENSIONS = {
@@ -594,9 +613,15 @@ class BackpackCurvature:
     NAMES: tuple[str, ...] = tuple(_EXTENSIONS)
     #: Its terms are already the per-parameter values d_pᵀC_pp d_p.
     block_diagonal = True
+    #: It can give per-sample gradient statistics (:meth:`second_moments`).
+    per_sample = True
 
-    def __init__(self, name: str, savefield: str | None = None, model: nn.Module | None = None) -> None:
+    def __init__(
+        self, name: str, savefield: str | None = None, model: nn.Module | None = None, moments: bool = False
+    ) -> None:
         self.name = name
+        self.moments = moments
+        self._batch = [0]
         self._cls, default_savefield, self._kwargs = self._EXTENSIONS[name]
         self.savefield = savefield or default_savefield
         self._touched: dict[int, nn.Module] = {}  # shared by every extension made here
@@ -614,6 +639,8 @@ class BackpackCurvature:
         ext.touched = self._touched
         ext.modules = self._modules
         ext.watch = self._accumulation.watch
+        if self.moments:
+            ext.moments, ext.batch = SumGradSquared(), self._batch
         return ext
 
     def context(self, measure: bool = True) -> AbstractContextManager[Any]:
@@ -643,6 +670,13 @@ class BackpackCurvature:
                 "`with backpack(optimizer.extension()):` before every `optimizer.step()`, "
                 "or pass a closure: `optimizer.step(closure)`. A parameter outside the extended model "
                 "never gets one: give the optimizer only the model's parameters. No parameter was changed."
+            )
+        lacking = [p for p in params if self.moments and not hasattr(p, "sum_grad_squared")]
+        if lacking:
+            raise RuntimeError(
+                f"the step-size policy needs BackPACK's per-sample statistics (`sum_grad_squared`), but "
+                f"{len(lacking)} of {len(params)} parameters have none: run `loss.backward()` inside "
+                "`with backpack(optimizer.extension()):` (that extension computes them). No parameter was changed."
             )
         summed = [p for p in params if p in self._accumulation.summed]
         if summed:
@@ -677,6 +711,11 @@ class BackpackCurvature:
             return forms
         return [dot(d, product(d.unsqueeze(0)).squeeze(0)) for product, d in zip(products, directions)]
 
+    def second_moments(self, params: Sequence[Tensor]) -> tuple[list[Tensor], int]:
+        r"""Each parameter's :math:`S = \sum_n b_n^2` over the per-sample gradients :math:`b_n` of the last
+        backward (:math:`\sum_n b_n = g`: :math:`b_n = g_n/N` for a mean loss), and the batch size :math:`N`."""
+        return [p.sum_grad_squared for p in params], self._batch[0]
+
     def release(self, params: Sequence[Tensor]) -> None:
         """Drop the products (they hold the autograd graph, and must never be reused) and,
         once no quadstep product is left on ``params``, the inputs and outputs BackPACK kept
@@ -685,6 +724,8 @@ class BackpackCurvature:
         for p in params:
             if hasattr(p, self.savefield):
                 delattr(p, self.savefield)
+            if self.moments and hasattr(p, "sum_grad_squared"):
+                delattr(p, "sum_grad_squared")
         if any(isinstance(v, _ParamProduct) for p in params for v in vars(p).values()):
             return  # another curvature's products (a CurvatureProbe's) still need them
         for module in self._touched.values():

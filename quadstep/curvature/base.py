@@ -17,10 +17,12 @@ class Curvature(Protocol):
     Attributes:
         name: the ``curvature=`` name it serves.
         block_diagonal: its terms are the per-parameter values :math:`d_p^\top C_{pp} d_p`.
+        per_sample: it can give per-sample gradient statistics (``second_moments``).
     """
 
     name: str
     block_diagonal: bool
+    per_sample: bool
 
     def extension(self, measure: bool = True) -> Any:
         """The BackPACK extension the backward runs under (an idle one when ``measure`` is False)."""
@@ -41,6 +43,10 @@ class Curvature(Protocol):
 
     def block_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
         r""":math:`d_p^\top C_{pp} d_p` for every parameter ``p``."""
+
+    def second_moments(self, params: Sequence[Tensor]) -> tuple[list[Tensor], int]:
+        r"""Per parameter :math:`\sum_n b_n^2` over the last batch's per-sample gradients :math:`b_n`
+        (:math:`\sum_n b_n = g`), and the batch size; only where ``per_sample``."""
 
     def release(self, params: Sequence[Tensor]) -> None:
         """Forget what the last backward left (products, recorded forwards)."""

@@ -170,6 +170,8 @@ class ExactCurvature:
     #: True while any instance re-runs the model or the loss: no instance records those calls (a
     #: StepProbe's curvature and its optimizer's may watch the same model).
     _any_rerunning: ClassVar[bool] = False
+    #: It gives no per-sample gradient statistics.
+    per_sample = False
 
     @property
     def _rerunning(self) -> bool:
@@ -374,6 +376,10 @@ class ExactCurvature:
     def block_forms(self, params: Sequence[Tensor], directions: Sequence[Tensor]) -> list[Tensor]:
         r""":math:`d_p^\top C_{pp} d_p` for every parameter ``p``: one pass per parameter tensor."""
         return [self._quadratic({p: d}) for p, d in zip(params, directions)]
+
+    def second_moments(self, params: Sequence[Tensor]) -> tuple[list[Tensor], int]:
+        """Not available: the exact passes compute no per-sample gradients (``per_sample`` is False)."""
+        raise NotImplementedError(f"curvature={self.name!r} computes no per-sample gradient statistics")
 
     def release(self, params: Sequence[Tensor]) -> None:
         """Forget every recorded forward: nothing recorded outlives the step."""
