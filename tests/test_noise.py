@@ -108,8 +108,8 @@ def monte_carlo(opt: Any, model: nn.Module, x: Tensor, y: Tensor, trials: int, r
     """Per trial (an independent batch drawn with replacement, the same parameters and optimizer
     state): -dᵀg, the noise estimate ν, and -dᵀḡ with ḡ the gradient over all the data."""
     loss_fn = extend(nn.CrossEntropyLoss())
-    nn.functional.cross_entropy(model(x), y).backward()
-    full = [p.grad.clone() for p in model.parameters()]
+    with torch.enable_grad():
+        full = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
     gen = torch.Generator().manual_seed(7)
     out: dict[str, list[float]] = {"same": [], "noise": [], "independent": []}
     for _ in range(trials):
@@ -139,18 +139,21 @@ def directions(opt: Any, model: nn.Module, before: dict[Tensor, dict[str, Tensor
     return out
 
 
+@pytest.mark.slow
 def test_sgd_noise_correction_is_unbiased_over_batches() -> None:
     """SGD without momentum: -dᵀg = |g|², whose mean over batches exceeds |ḡ|² by tr Var(g) exactly;
     |g|² - ν is unbiased for |ḡ|²."""
     model, x, y = make_problem(1)
     extend(model)
     loss_fn = extend(nn.CrossEntropyLoss())
-    opt = QuadraticLineSearchSGD(model.parameters(), lr=0.0, mode="observe", step_size=Corrected(beta=0.0))
-    nn.functional.cross_entropy(model(x), y).backward()
-    target = sum(float((p.grad**2).sum()) for p in model.parameters())
+    opt = QuadraticLineSearchSGD(
+        model.parameters(), lr=0.0, mode="observe", step_size=Corrected(beta=0.0), history_size=1
+    )
+    full = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    target = sum(float((g**2).sum()) for g in full)
     gen = torch.Generator().manual_seed(3)
     same, noise = [], []
-    for _ in range(3000):
+    for _ in range(2000):
         idx = torch.randint(0, N_DATA, (BATCH,), generator=gen)
         step(model, opt, x[idx], y[idx], loss_fn)
         same.append(-opt.history[-1].as_dict()["dg"])
@@ -162,6 +165,7 @@ def test_sgd_noise_correction_is_unbiased_over_batches() -> None:
     assert float(same_t.mean()) - target > 10 * se  # the uncorrected |g|² is biased: the test can fail
 
 
+@pytest.mark.slow
 def test_adam_noise_correction_matches_an_independent_batch_over_batches() -> None:
     r"""Adam after 200 steps: the mean over batches of the corrected numerator, -dᵀg - ν, equals that
     of -dᵀḡ (ḡ: the full-data gradient, independent of the batch in d), within Monte-Carlo error,
@@ -170,14 +174,22 @@ def test_adam_noise_correction_matches_an_independent_batch_over_batches() -> No
     model, x, y = make_problem(2)
     extend(model)
     loss_fn = extend(nn.CrossEntropyLoss())
-    opt = QuadraticLineSearchAdam(model.parameters(), lr=0.01, mode="observe", step_size=Corrected(beta=0.0))
+    opt = QuadraticLineSearchAdam(
+        model.parameters(), lr=0.01, mode="observe", step_size=Corrected(beta=0.0), history_size=1
+    )
     gen = torch.Generator().manual_seed(5)
     for _ in range(200):
         idx = torch.randint(0, N_DATA, (BATCH,), generator=gen)
         step(model, opt, x[idx], y[idx], loss_fn)
     opt.param_groups[0]["lr"] = 0.0  # the parameters stay where they are
-    saved = copy.deepcopy(opt.state_dict())
-    results = monte_carlo(opt, model, x, y, 2000, lambda: opt.load_state_dict(copy.deepcopy(saved)))
+    saved = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+
+    def reset() -> None:
+        for p, state in saved.items():
+            for k, v in state.items():
+                opt.state[p][k].copy_(v)
+
+    results = monte_carlo(opt, model, x, y, 2000, reset)
     corrected = results["same"] - results["noise"]
     diff = corrected - results["independent"]
     se = float(diff.std()) / math.sqrt(len(diff))
