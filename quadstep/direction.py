@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import optimizer
+
+from ._internals import torch as torch_internals
 
 
 def _guarded(g: Tensor, finite: Tensor | None = None) -> Tensor:
@@ -68,7 +69,7 @@ def adam(
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     steps = [s["step"] for s in states]
     # A list: _foreach_add_ with one 0-dim tensor reads its value on the host (a sync on a GPU).
-    torch._foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
+    torch_internals.foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
     if fused is not False and all(_fusable(g, s, amsgrad, fp16=bool(fused)) for g, s in zip(grads, states)):
         return _adam_fused(group, grads, states, finite)
     # Bias corrections in float64: 1 - 0.999**t in float32 is off by 1e-5 at t = 1. A skipped
@@ -106,15 +107,10 @@ def adam(
     return directions
 
 
-def _fused_devices() -> frozenset[str]:
-    supported = getattr(optimizer, "_get_fused_kernels_supported_devices", None)
-    # CPU and CUDA only: there the kernel's found_inf skip is the one GradScaler relies on.
-    return frozenset(supported() if supported is not None else ()) & {"cpu", "cuda"}
-
-
 #: Device types with torch's fused Adam kernel (that of ``torch.optim.Adam(fused=True)``; CPU
-#: since torch 2.4). Elsewhere, for fp16 and for non-contiguous tensors, :func:`adam` runs tensor ops.
-FUSED_DEVICES = _fused_devices()
+#: since torch 2.4; empty without it). Elsewhere, for fp16 and for non-contiguous tensors, :func:`adam`
+#: runs tensor ops.
+FUSED_DEVICES = torch_internals.fused_adam_devices()
 
 
 def _fusable(g: Tensor, state: dict[str, Any], amsgrad: bool = False, fp16: bool = False) -> bool:
@@ -144,7 +140,7 @@ def _adam_fused(
     for i, g in enumerate(grads):
         by_kind.setdefault((g.device, g.dtype), []).append(i)
     for (device, _), idx in by_kind.items():
-        torch._fused_adam_(
+        torch_internals.fused_adam_(
             [ds[i] for i in idx],
             [grads[i] for i in idx],
             [states[i]["exp_avg"] for i in idx],
