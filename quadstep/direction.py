@@ -57,9 +57,7 @@ def adam(
     d, m and v up to rounding. ``group["fused"]`` False always runs the tensor ops, True
     runs the kernel on fp16 too.
     """
-    beta1, beta2 = group["betas"]
-    eps = group["eps"]
-    amsgrad, maximize, fused = group.get("amsgrad", False), group.get("maximize", False), group.get("fused")
+    amsgrad, fused = group.get("amsgrad", False), group.get("fused")
     for p, state in zip(params, states):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -72,6 +70,20 @@ def adam(
     torch_internals.foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
     if fused is not False and all(_fusable(g, s, amsgrad, fp16=bool(fused)) for g, s in zip(grads, states)):
         return _adam_fused(group, grads, states, finite)
+    return _adam_tensor_ops(group, grads, states, finite, steps)
+
+
+def _adam_tensor_ops(
+    group: dict[str, Any],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    finite: Tensor,
+    steps: list[Tensor],
+) -> list[Tensor]:
+    """:func:`adam`'s direction by tensor ops, ``steps`` already incremented."""
+    beta1, beta2 = group["betas"]
+    eps = group["eps"]
+    amsgrad, maximize = group.get("amsgrad", False), group.get("maximize", False)
     # Bias corrections in float64: 1 - 0.999**t in float32 is off by 1e-5 at t = 1. A skipped
     # first step keeps t = 0; clamping it to 1 gives d = 0 from m = 0.
     # d = m / (k1·sqrt(v) + k2) with k1 = -(1-β1^t)/sqrt(1-β2^t), k2 = -(1-β1^t)·eps.
@@ -84,7 +96,7 @@ def adam(
     # Every scalar in each parameter dtype, cast once: [finite, weight1, scale2, k1..., k2...].
     scalars = torch.cat([torch.stack([finite.to(t.dtype), weight1, scale2]), k1, neg_bias_correction1 * eps])
     cast: dict[torch.dtype, list[Tensor]] = {}
-    n = len(params)
+    n = len(grads)
     directions = []
     for i, (g, state) in enumerate(zip(grads, states)):
         m, v = state["exp_avg"], state["exp_avg_sq"]
