@@ -26,9 +26,9 @@ import copy
 from collections.abc import Sequence
 
 import torch
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor
 
+from ._internals.backpack import BackpropExtension
 from .curvature import BackpackCurvature
 from .optimizer import QuadraticLineSearch
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import optimizer
+
+from ._internals import torch as torch_internals
 
 
 def _guarded(g: Tensor, finite: Tensor | None = None) -> Tensor:
@@ -56,9 +57,7 @@ def adam(
     d, m and v up to rounding. ``group["fused"]`` False always runs the tensor ops, True
     runs the kernel on fp16 too.
     """
-    beta1, beta2 = group["betas"]
-    eps = group["eps"]
-    amsgrad, maximize, fused = group.get("amsgrad", False), group.get("maximize", False), group.get("fused")
+    amsgrad, fused = group.get("amsgrad", False), group.get("fused")
     for p, state in zip(params, states):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -68,9 +67,23 @@ def adam(
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     steps = [s["step"] for s in states]
     # A list: _foreach_add_ with one 0-dim tensor reads its value on the host (a sync on a GPU).
-    torch._foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
+    torch_internals.foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
     if fused is not False and all(_fusable(g, s, amsgrad, fp16=bool(fused)) for g, s in zip(grads, states)):
         return _adam_fused(group, grads, states, finite)
+    return _adam_tensor_ops(group, grads, states, finite, steps)
+
+
+def _adam_tensor_ops(
+    group: dict[str, Any],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    finite: Tensor,
+    steps: list[Tensor],
+) -> list[Tensor]:
+    """:func:`adam`'s direction by tensor ops, ``steps`` already incremented."""
+    beta1, beta2 = group["betas"]
+    eps = group["eps"]
+    amsgrad, maximize = group.get("amsgrad", False), group.get("maximize", False)
     # Bias corrections in float64: 1 - 0.999**t in float32 is off by 1e-5 at t = 1. A skipped
     # first step keeps t = 0; clamping it to 1 gives d = 0 from m = 0.
     # d = m / (k1·sqrt(v) + k2) with k1 = -(1-β1^t)/sqrt(1-β2^t), k2 = -(1-β1^t)·eps.
@@ -83,7 +96,7 @@ def adam(
     # Every scalar in each parameter dtype, cast once: [finite, weight1, scale2, k1..., k2...].
     scalars = torch.cat([torch.stack([finite.to(t.dtype), weight1, scale2]), k1, neg_bias_correction1 * eps])
     cast: dict[torch.dtype, list[Tensor]] = {}
-    n = len(params)
+    n = len(grads)
     directions = []
     for i, (g, state) in enumerate(zip(grads, states)):
         m, v = state["exp_avg"], state["exp_avg_sq"]
@@ -140,15 +153,10 @@ def sgd_gain(group: dict[str, Any], states: list[dict[str, Any]]) -> list[Tensor
     return gains
 
 
-def _fused_devices() -> frozenset[str]:
-    supported = getattr(optimizer, "_get_fused_kernels_supported_devices", None)
-    # CPU and CUDA only: there the kernel's found_inf skip is the one GradScaler relies on.
-    return frozenset(supported() if supported is not None else ()) & {"cpu", "cuda"}
-
-
 #: Device types with torch's fused Adam kernel (that of ``torch.optim.Adam(fused=True)``; CPU
-#: since torch 2.4). Elsewhere, for fp16 and for non-contiguous tensors, :func:`adam` runs tensor ops.
-FUSED_DEVICES = _fused_devices()
+#: since torch 2.4; empty without it). Elsewhere, for fp16 and for non-contiguous tensors, :func:`adam`
+#: runs tensor ops.
+FUSED_DEVICES = torch_internals.fused_adam_devices()
 
 
 def _fusable(g: Tensor, state: dict[str, Any], amsgrad: bool = False, fp16: bool = False) -> bool:
@@ -178,7 +186,7 @@ def _adam_fused(
     for i, g in enumerate(grads):
         by_kind.setdefault((g.device, g.dtype), []).append(i)
     for (device, _), idx in by_kind.items():
-        torch._fused_adam_(
+        torch_internals.fused_adam_(
             [ds[i] for i in idx],
             [grads[i] for i in idx],
             [states[i]["exp_avg"] for i in idx],

@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import direction as directions
+from ._internals.backpack import BackpropExtension
 from .curvature import EXACT_CURVATURES, make_curvature
 from .curvature._common import dot, stack_on
 from .records import History, StepRecord

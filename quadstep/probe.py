@@ -21,10 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._internals import torch as torch_internals
+from ._internals.backpack import BackpropExtension
 from .curvature import BackpackCurvature, Curvature, make_curvature
 from .curvature._common import dot, stack_on
 from .optimizer import QuadraticLineSearch
@@ -149,16 +150,16 @@ class StepProbe:
         grads = [p.grad.detach().clone() for p in params]  # the optimizer may change p.grad in place
         result = self.optimizer.step(evaluated)
         after = [p.detach().clone() for p in params]
-        steps = torch._foreach_sub(after, before)
+        steps = torch_internals.foreach_sub(after, before)
         device = params[0].device
         dg = stack_on([dot(s, g) for s, g in zip(steps, grads)], device).sum()
         grad_sq = stack_on([dot(g, g) for g in grads], device).sum()
         del grads
         try:
-            torch._foreach_copy_(params, before)
+            torch_internals.foreach_copy_(params, before)
             terms = self._curvature.quadratic_forms(params, steps)
         finally:
-            torch._foreach_copy_(params, after)
+            torch_internals.foreach_copy_(params, after)
         self._curvature.release(params)
         values = QuadraticLineSearch._average_over_ranks(stack_on(terms, device))
         dcd = values[0] if len(terms) == 1 else values.sum()

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from quadstep import QuadraticLineSearchAdam
-from quadstep.curvature import backpack as curvature_module
 from quadstep.curvature.backpack import BackpackCurvature
+from quadstep.curvature.backpack import sweep as curvature_module
 
 NAMES = BackpackCurvature.NAMES
 
