@@ -1,0 +1,120 @@
+r"""A plain reference run of :class:`~quadstep.QuadraticLineSearchAdam` and ``...SGD``: every quantity
+from its formula, on the whole parameter dict, with :mod:`torch.func`. Slow, for tests: one param
+group, finite gradients, no DDP. With ``maximize`` the objective is :math:`-L` throughout.
+
+.. math::
+    d^\top H d = d^\top \nabla^2 L\, d, \qquad d^\top G d = (J d)^\top \nabla^2_z \ell\, (J d), \qquad
+    \text{block-diagonal: } \textstyle\sum_p d_p^\top C_{pp}\, d_p \quad (p \text{ a parameter tensor}).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp
+
+Params = dict[str, Tensor]
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return torch.stack([(a[k] * b[k]).sum() for k in a]).sum()
+
+
+def quadratic_form(curvature: str, f: Callable, loss: Callable, theta: Params, d: Params) -> Tensor:
+    r""":math:`d^\top C d` of the objective ``loss(f(theta))``: ``"hessian-exact"``, ``"ggn-exact"``, or
+    ``"hessian"``/``"ggn"``: the sum over tensors ``p`` of the exact form of ``theta_p ↦ loss(f(theta))``."""
+    if curvature in ("hessian", "ggn"):
+        def block(p: str) -> Tensor:
+            f_p = lambda th: f({**theta, **th})  # noqa: E731
+            return quadratic_form(curvature + "-exact", f_p, loss, {p: theta[p]}, {p: d[p]})
+
+        return torch.stack([block(p) for p in d]).sum()
+    if curvature == "hessian-exact":
+        return _dot(d, jvp(grad(lambda th: loss(f(th))), (theta,), (d,))[1])
+    z, u = jvp(f, (theta,), (d,))
+    return (u * jvp(grad(loss), (z,), (u,))[1]).sum()
+
+
+def adam(s: dict, g: Params, theta: Params, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, **_: Any) -> Params:
+    r""":math:`d = -\hat m_t / (\sqrt{\hat v_t} + \epsilon)`, bias-corrected; ``amsgrad``: v's running max."""
+    (b1, b2), t = betas, s.get("t", 0) + 1
+    s["t"], s["m"] = t, {k: b1 * s.get("m", {}).get(k, 0) + (1 - b1) * g[k] for k in g}
+    s["v"] = {k: b2 * s.get("v", {}).get(k, 0) + (1 - b2) * g[k] ** 2 for k in g}
+    s["vmax"] = {k: torch.maximum(s["vmax"][k], s["v"][k]) for k in g} if "vmax" in s else s["v"]
+    v = s["vmax"] if amsgrad else s["v"]
+    return {k: -(s["m"][k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + eps) for k in g}
+
+
+def sgd(s: dict, g: Params, theta: Params, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False) -> Params:
+    r""":math:`\tilde g = g + \lambda\theta`, :math:`b_t = \mu b_{t-1} + (1-\tau)\tilde g` (:math:`b_1 = \tilde g`),
+    :math:`d = -(\tilde g + \mu b_t)` (Nesterov) or :math:`-b_t`; :math:`-\tilde g` without momentum."""
+    gt = {k: g[k] + weight_decay * theta[k] for k in g}
+    if momentum == 0:
+        return {k: -v for k, v in gt.items()}
+    b = s["b"] = {k: momentum * s["b"][k] + (1 - dampening) * gt[k] for k in g} if "b" in s else gt
+    return {k: -(gt[k] + momentum * b[k]) if nesterov else -b[k] for k in g}
+
+
+def _objective(f: Callable, loss_fn: Callable, x: Tensor, y: Tensor, sign: float) -> tuple[Callable, Callable]:
+    return (lambda th: f(th, x)), (lambda z: sign * loss_fn(z, y))
+
+
+def reference_run(
+    f: Callable[[Params, Tensor], Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    params: Params,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    direction: str = "adam",
+    curvature: str = "hessian",
+    mode: str = "scale",
+    policy: str = "lagged",
+    every: int = 1,
+    lr: float = 1e-3,
+    alpha_min: float = 0.0,
+    alpha_max: float = 0.1,
+    beta: float = 0.99,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    **kw: Any,
+) -> list[dict[str, Any]]:
+    r"""Per step: the parameters after it, ``d``, ``alpha_star`` :math:`= -d^\top g / d^\top C d` (NaN unless
+    queried), the ``alpha`` taken, ``dg``, ``dcd``, the lagged ``slope`` :math:`s_t = d_{t-1}^\top g_t` and
+    ``lagged_dcd`` :math:`q_t = d_{t-1}^\top C_t d_{t-1}`, and the policy's ``proposal`` (NaN: lr is used).
+    ``kw``: Adam's ``betas``, ``eps``, ``amsgrad``; SGD's ``momentum``, ``dampening``, ``nesterov``."""
+    theta, state, nan = {k: v.detach().clone() for k, v in params.items()}, {}, torch.tensor(math.nan).double()
+    alpha, num, den, prev_d, prev_alpha, out = nan, 0.0, 0.0, None, math.nan, []
+    for t, (x, y) in enumerate(batches, 1):
+        fx, ell = _objective(f, loss_fn, x, y, -1.0 if maximize else 1.0)
+        g = grad(lambda th, fx=fx, ell=ell: ell(fx(th)))(theta)
+        if direction == "adam":
+            d = adam(state, g, theta, **kw)
+        else:
+            d = sgd(state, g, theta, weight_decay=weight_decay, **kw)
+        measures, dg = (t - 1) % every == 0, _dot(d, g)
+        current = measures and (mode == "observe" or policy == "greedy")
+        dcd = quadratic_form(curvature, fx, ell, theta, d) if current else nan
+        lagged = measures and prev_d is not None and (mode == "observe" or policy == "lagged")
+        slope, q = (_dot(prev_d, g), quadratic_form(curvature, fx, ell, theta, prev_d)) if lagged else (nan, nan)
+        alpha_star = -dg / dcd
+        if policy == "greedy" and current:  # clip(α*) where α* exists, else none
+            ok = _dot(g, g) > 0 and dg < 0 and dcd > 0 and dcd.isfinite() and alpha_star.isfinite()
+            proposal = alpha_star.clamp(alpha_min, alpha_max) if ok else nan
+            alpha = proposal if ok else alpha
+        elif policy == "lagged" and lagged:  # clip(EMA(α_{t-1} q - s) / EMA(q)) where EMA(q) > 0
+            if (prev_alpha * q - slope).isfinite() and q.isfinite():
+                num, den = beta * num + (1 - beta) * (prev_alpha * q - slope), beta * den + (1 - beta) * q
+            proposal = alpha = (num / den).clamp(alpha_min, alpha_max) if den > 0 else alpha
+        else:
+            proposal = alpha  # not measured: the last alpha, NaN before the first
+        step = lr if mode == "observe" or proposal.isnan() else proposal
+        shrink = 1 - lr * weight_decay if direction == "adam" else 1.0  # AdamW's decoupled decay
+        theta = {k: shrink * theta[k] + step * d[k] for k in theta}
+        prev_d, prev_alpha = d, step
+        out.append({"params": theta, "d": d, "alpha_star": alpha_star, "alpha": step, "dg": dg, "dcd": dcd,
+                    "slope": slope, "lagged_dcd": q, "proposal": proposal})  # fmt: skip
+    return out
