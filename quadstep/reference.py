@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
+from torch.func import grad, hessian, jacrev
 
 Params = dict[str, Tensor]
 
@@ -24,19 +24,27 @@ def _dot(a: Params, b: Params) -> Tensor:
     return torch.stack([(a[k] * b[k]).sum() for k in a]).sum()
 
 
-def quadratic_form(curvature: str, f: Callable, loss: Callable, theta: Params, d: Params) -> Tensor:
-    r""":math:`d^\top C d` of the objective ``loss(f(theta))``: ``"hessian-exact"``, ``"ggn-exact"``, or
-    ``"hessian"``/``"ggn"``: the sum over tensors ``p`` of the exact form of ``theta_p ↦ loss(f(theta))``."""
-    if curvature in ("hessian", "ggn"):
-        def block(p: str) -> Tensor:
-            f_p = lambda th: f({**theta, **th})  # noqa: E731
-            return quadratic_form(curvature + "-exact", f_p, loss, {p: theta[p]}, {p: d[p]})
+def _flat(theta: Params) -> Tensor:
+    return torch.cat([v.reshape(-1) for v in theta.values()])
 
-        return torch.stack([block(p) for p in d]).sum()
-    if curvature == "hessian-exact":
-        return _dot(d, jvp(grad(lambda th: loss(f(th))), (theta,), (d,))[1])
-    z, u = jvp(f, (theta,), (d,))
-    return (u * jvp(grad(loss), (z,), (u,))[1]).sum()
+
+def curvature_matrix(curvature: str, f: Callable, loss: Callable, theta: Params) -> Tensor:
+    r"""``C`` of the objective ``loss(f(theta))`` on the flat parameter vector: the Hessian :math:`\nabla^2 L`
+    (``"hessian-exact"``) or the GGN :math:`J^\top \nabla_z^2 \ell\, J` (``"ggn-exact"``); ``"hessian"``,
+    ``"ggn"``: their diagonal blocks, one per parameter tensor, the rest zeroed."""
+    sizes = [v.numel() for v in theta.values()]
+
+    def f_flat(w: Tensor) -> Tensor:
+        return f({k: c.view_as(v) for (k, v), c in zip(theta.items(), w.split(sizes))})
+
+    w, kind = _flat(theta), curvature.removesuffix("-exact")
+    if kind == "hessian":
+        c = hessian(lambda w: loss(f_flat(w)))(w)
+    else:
+        z = f_flat(w)
+        jac, h = jacrev(f_flat)(w).reshape(z.numel(), -1), hessian(loss)(z).reshape(z.numel(), z.numel())
+        c = jac.T @ h @ jac
+    return c if curvature.endswith("-exact") else c * torch.block_diag(*[c.new_ones(n, n) for n in sizes])
 
 
 def adam(s: dict, g: Params, theta: Params, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, **_: Any) -> Params:
@@ -97,9 +105,10 @@ def reference_run(
             d = sgd(state, g, theta, weight_decay=weight_decay, **kw)
         measures, dg = (t - 1) % every == 0, _dot(d, g)
         current = measures and (mode == "observe" or policy == "greedy")
-        dcd = quadratic_form(curvature, fx, ell, theta, d) if current else nan
         lagged = measures and prev_d is not None and (mode == "observe" or policy == "lagged")
-        slope, q = (_dot(prev_d, g), quadratic_form(curvature, fx, ell, theta, prev_d)) if lagged else (nan, nan)
+        c = curvature_matrix(curvature, fx, ell, theta) if current or lagged else None
+        dcd = _flat(d) @ c @ _flat(d) if current else nan
+        slope, q = (_dot(prev_d, g), _flat(prev_d) @ c @ _flat(prev_d)) if lagged else (nan, nan)
         alpha_star = -dg / dcd
         if policy == "greedy" and current:  # clip(α*) where α* exists, else none
             ok = _dot(g, g) > 0 and dg < 0 and dcd > 0 and dcd.isfinite() and alpha_star.isfinite()
