@@ -47,7 +47,10 @@ def curvature_matrix(curvature: str, f: Callable, loss: Callable, theta: Params)
     return c if curvature.endswith("-exact") else c * torch.block_diag(*[c.new_ones(n, n) for n in sizes])
 
 
-def adam(s: dict, g: Params, theta: Params, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, **_: Any) -> Params:
+def adam(
+    s: dict[str, Any], g: Params, theta: Params, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    amsgrad: bool = False,
+) -> Params:  # fmt: skip
     r""":math:`d = -\hat m_t / (\sqrt{\hat v_t} + \epsilon)`, bias-corrected; ``amsgrad``: v's running max."""
     (b1, b2), t = betas, s.get("t", 0) + 1
     s["t"], s["m"] = t, {k: b1 * s.get("m", {}).get(k, 0) + (1 - b1) * g[k] for k in g}
@@ -57,9 +60,13 @@ def adam(s: dict, g: Params, theta: Params, betas=(0.9, 0.999), eps=1e-8, amsgra
     return {k: -(s["m"][k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + eps) for k in g}
 
 
-def sgd(s: dict, g: Params, theta: Params, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False) -> Params:
-    r""":math:`\tilde g = g + \lambda\theta`, :math:`b_t = \mu b_{t-1} + (1-\tau)\tilde g` (:math:`b_1 = \tilde g`),
-    :math:`d = -(\tilde g + \mu b_t)` (Nesterov) or :math:`-b_t`; :math:`-\tilde g` without momentum."""
+def sgd(
+    s: dict[str, Any], g: Params, theta: Params, momentum: float = 0.0, dampening: float = 0.0,
+    weight_decay: float = 0.0, nesterov: bool = False,
+) -> Params:  # fmt: skip
+    r""":math:`\tilde g = g + \lambda\theta`, :math:`b_t = \mu b_{t-1} + (1-\tau)\tilde g`,
+    :math:`b_1 = \tilde g`; :math:`d = -(\tilde g + \mu b_t)` (Nesterov), :math:`-b_t`, or without momentum
+    :math:`-\tilde g`."""
     gt = {k: g[k] + weight_decay * theta[k] for k in g}
     if momentum == 0:
         return {k: -v for k, v in gt.items()}
@@ -67,42 +74,28 @@ def sgd(s: dict, g: Params, theta: Params, momentum=0.0, dampening=0.0, weight_d
     return {k: -(gt[k] + momentum * b[k]) if nesterov else -b[k] for k in g}
 
 
-def _objective(f: Callable, loss_fn: Callable, x: Tensor, y: Tensor, sign: float) -> tuple[Callable, Callable]:
-    return (lambda th: f(th, x)), (lambda z: sign * loss_fn(z, y))
+DIRECTIONS: dict[str, Callable[..., Params]] = {"adam": adam, "sgd": sgd}
 
 
 def reference_run(
-    f: Callable[[Params, Tensor], Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    params: Params,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    *,
-    direction: str = "adam",
-    curvature: str = "hessian",
-    mode: str = "scale",
-    policy: str = "lagged",
-    every: int = 1,
-    lr: float = 1e-3,
-    alpha_min: float = 0.0,
-    alpha_max: float = 0.1,
-    beta: float = 0.99,
-    weight_decay: float = 0.0,
-    maximize: bool = False,
-    **kw: Any,
-) -> list[dict[str, Any]]:
+    f: Callable[[Params, Tensor], Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor], params: Params,
+    batches: Iterable[tuple[Tensor, Tensor]], *, direction: str = "adam", curvature: str = "hessian",
+    mode: str = "scale", policy: str = "lagged", every: int = 1, lr: float = 1e-3, alpha_min: float = 0.0,
+    alpha_max: float = 0.1, beta: float = 0.99, weight_decay: float = 0.0, maximize: bool = False, **kw: Any,
+) -> list[dict[str, Any]]:  # fmt: skip
     r"""Per step: the parameters after it, ``d``, ``alpha_star`` :math:`= -d^\top g / d^\top C d` (NaN unless
     queried), the ``alpha`` taken, ``dg``, ``dcd``, the lagged ``slope`` :math:`s_t = d_{t-1}^\top g_t` and
     ``lagged_dcd`` :math:`q_t = d_{t-1}^\top C_t d_{t-1}`, and the policy's ``proposal`` (NaN: lr is used).
     ``kw``: Adam's ``betas``, ``eps``, ``amsgrad``; SGD's ``momentum``, ``dampening``, ``nesterov``."""
-    theta, state, nan = {k: v.detach().clone() for k, v in params.items()}, {}, torch.tensor(math.nan).double()
+    theta = {k: v.detach().clone() for k, v in params.items()}
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    state: dict[str, Any] = {}
     alpha, num, den, prev_d, prev_alpha, out = nan, 0.0, 0.0, None, math.nan, []
     for t, (x, y) in enumerate(batches, 1):
-        fx, ell = _objective(f, loss_fn, x, y, -1.0 if maximize else 1.0)
+        fx, ell = (lambda th, x=x: f(th, x)), (lambda z, y=y: (-1 if maximize else 1) * loss_fn(z, y))
         g = grad(lambda th, fx=fx, ell=ell: ell(fx(th)))(theta)
-        if direction == "adam":
-            d = adam(state, g, theta, **kw)
-        else:
-            d = sgd(state, g, theta, weight_decay=weight_decay, **kw)
+        wd = {} if direction == "adam" else {"weight_decay": weight_decay}  # Adam's is decoupled: below
+        d = DIRECTIONS[direction](state, g, theta, **wd, **kw)
         measures, dg = (t - 1) % every == 0, _dot(d, g)
         current = measures and (mode == "observe" or policy == "greedy")
         lagged = measures and prev_d is not None and (mode == "observe" or policy == "lagged")

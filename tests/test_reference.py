@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -34,13 +35,49 @@ OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "adam": (QuadraticLineSearchAdam, {"lr": 1e-2, "weight_decay": 0.1}),
     "sgd": (QuadraticLineSearchSGD, {"lr": 1e-1, "momentum": 0.9, "weight_decay": 0.1}),
 }
-#: Beyond the matrix, in float64 on the Hessian's blocks: (optimizer, options, every).
-VARIANTS = {
-    "amsgrad": ("adam", {"amsgrad": True, "betas": (0.5, 0.6)}, 1),
-    "maximize": ("adam", {"maximize": True}, 1),
-    "nesterov": ("sgd", {"nesterov": True, "dampening": 0.0}, 1),
-    "dampening": ("sgd", {"dampening": 0.5}, 1),
+#: Options beyond the matrix, each run in float64 on the Hessian's blocks, for both policies.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "amsgrad": ("adam", {"amsgrad": True, "betas": (0.5, 0.6)}),
+    "maximize": ("adam", {"maximize": True}),
+    "nesterov": ("sgd", {"nesterov": True}),
+    "dampening": ("sgd", {"dampening": 0.5}),
 }
+
+
+class Case(NamedTuple):
+    curvature: str
+    mode: str
+    policy: str
+    dtype: torch.dtype
+    optimizer: str
+    loss: str
+    every: int = 1
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+def cases() -> list[Any]:
+    """Every curvature × mode × policy × dtype × optimizer (the loss alternates), then every=3 for
+    each mode and policy on one BackPACK and one exact curvature, then :data:`VARIANTS`."""
+    out = []
+    for i, curvature in enumerate(CURVATURES):
+        for mode, policy, dtype, (j, optimizer) in itertools.product(
+            ("scale", "observe"), ("greedy", "lagged"), (torch.float64, torch.float32), enumerate(OPTIMIZERS)
+        ):
+            loss = ("ce", "mse")[(i + j) % 2]
+            out.append(Case(curvature, mode, policy, dtype, optimizer, loss))
+    every = itertools.product(("hessian", "ggn-exact"), ("scale", "observe"), ("greedy", "lagged"))
+    for curvature, mode, policy in every:
+        out.append(Case(curvature, mode, policy, torch.float64, "adam", "ce", every=3))
+    for (name, (optimizer, extra)), policy in itertools.product(VARIANTS.items(), ("greedy", "lagged")):
+        extras = tuple(extra.items())
+        out.append(Case("hessian", "scale", policy, torch.float64, optimizer, "mse", extra=extras))
+    return [pytest.param(c, id=case_id(c)) for c in out]
+
+
+def case_id(c: Case) -> str:
+    extra = [f"every{c.every}"] * (c.every != 1) + [k for k, v in c.extra if v is not False and k != "betas"]
+    dtype = str(c.dtype).removeprefix("torch.")
+    return "-".join([c.curvature, c.mode, c.policy, dtype, c.optimizer, c.loss, *extra])
 
 
 def mlp(activation: type[nn.Module]) -> Any:
@@ -82,22 +119,21 @@ def initial_model(activation: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 4), activation(), nn.Linear(4, 2))
 
 
-def run_quadstep(
-    curvature: str, mode: str, policy: str, dtype: torch.dtype, optimizer: str, loss: str, every: int = 1, **extra: Any
-) -> tuple[list[Any], list[dict[str, torch.Tensor]]]:
+def run_quadstep(c: Case) -> tuple[list[Any], list[dict[str, torch.Tensor]]]:
     """quadstep's records and its parameters after each step."""
-    model = initial_model(CURVATURES[curvature][1]).to(dtype)
-    loss_fn = nn.MSELoss() if loss == "mse" else nn.CrossEntropyLoss()
-    exact = curvature.endswith("-exact")
+    model = initial_model(CURVATURES[c.curvature][1]).to(c.dtype)
+    loss_fn = nn.MSELoss() if c.loss == "mse" else nn.CrossEntropyLoss()
+    exact = c.curvature.endswith("-exact")
     if not exact:
         model, loss_fn = extend(model), extend(loss_fn)
-    cls, options = OPTIMIZERS[optimizer]
+    cls, options = OPTIMIZERS[c.optimizer]
     opt = cls(
-        model.parameters(), **{**options, **extra}, curvature=curvature, mode=mode, step_size=policy, every=every,
-        alpha_max=1.0, model=model if exact else None, loss_fn=loss_fn if exact else None,
+        model.parameters(), **options, **dict(c.extra), curvature=c.curvature, mode=c.mode,
+        step_size=c.policy, every=c.every, alpha_max=1.0,
+        **({"model": model, "loss_fn": loss_fn} if exact else {}),
     )  # fmt: skip
     after = []
-    for x, y in (cast(b, dtype) for b in batches(loss)):
+    for x, y in (cast(b, c.dtype) for b in batches(c.loss)):
         opt.zero_grad()
         out = loss_fn(model(x), y)
         if exact:
@@ -110,32 +146,32 @@ def run_quadstep(
     return list(opt.history), after
 
 
+@functools.cache
+def reference(c: Case) -> list[dict[str, Any]]:
+    """:func:`reference_run` in float64 (cached: both dtypes of a case share it)."""
+    ref_curvature, activation = CURVATURES[c.curvature]
+    initial = {k: v.detach().double() for k, v in initial_model(activation).named_parameters()}
+    return reference_run(
+        mlp(activation), mse if c.loss == "mse" else F.cross_entropy, initial,
+        [cast(b, torch.float64) for b in batches(c.loss)], direction=c.optimizer, curvature=ref_curvature,
+        mode=c.mode, policy=c.policy, every=c.every, alpha_max=1.0, **OPTIMIZERS[c.optimizer][1],
+        **dict(c.extra),
+    )  # fmt: skip
+
+
 def _at(t: int, what: object) -> Callable[[str], str]:
     return lambda message: f"step {t}, {what}: {message}"
 
 
-@functools.cache
-def reference(
-    curvature: str, mode: str, policy: str, optimizer: str, loss: str, every: int, extra: tuple[tuple[str, Any], ...]
-) -> list[dict[str, Any]]:
-    """:func:`reference_run` in float64 for the optimizer run as ``curvature`` (cached: both dtypes use it)."""
-    ref_curvature, activation = CURVATURES[curvature]
-    initial = {k: v.detach().double() for k, v in initial_model(activation).named_parameters()}
-    return reference_run(
-        mlp(activation), mse if loss == "mse" else F.cross_entropy, initial, [cast(b, torch.float64) for b in batches(loss)],
-        direction=optimizer, curvature=ref_curvature, mode=mode, policy=policy, every=every, alpha_max=1.0,
-        **{**OPTIMIZERS[optimizer][1], **dict(extra)},
-    )  # fmt: skip
-
-
-def check(
-    curvature: str, mode: str, policy: str, dtype: torch.dtype, optimizer: str, loss: str, every: int = 1, **extra: Any
-) -> None:
-    records, after = run_quadstep(curvature, mode, policy, dtype, optimizer, loss, every, **extra)
-    expected = reference(curvature, mode, policy, optimizer, loss, every, tuple(sorted(extra.items())))
-    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 1e-5}
+@pytest.mark.parametrize("case", cases())
+def test_step_by_step_against_the_reference(case: Case) -> None:
+    """Each step's parameters and record (alpha*, alpha, dᵀg, dᵀCd, s, q, the policy's proposal)."""
+    records, after = run_quadstep(case)
+    expected = reference(case._replace(dtype=torch.float64))
+    tol = {"rtol": 1e-9, "atol": 1e-12} if case.dtype == torch.float64 else {"rtol": 2e-4, "atol": 1e-5}
     for t, (rec, params, ref) in enumerate(zip(records, after, expected, strict=True), 1):
-        got = [rec.alpha_star, rec.alpha, rec.dg, rec.dHd, rec.slope, rec.lagged_dHd, rec.proposals[policy][0]]
+        proposal = rec.proposals[case.policy][0]
+        got = [rec.alpha_star, rec.alpha, rec.dg, rec.dHd, rec.slope, rec.lagged_dHd, proposal]
         want = [torch.as_tensor(ref[k], dtype=torch.float64) for k in RECORDED]
         torch.testing.assert_close(
             torch.stack(got).double(), torch.stack(want), equal_nan=True, **tol, msg=_at(t, RECORDED)
@@ -143,27 +179,3 @@ def check(
         got_params = torch.cat([v.double().reshape(-1) for v in params.values()])
         want_params = torch.cat([ref["params"][k].reshape(-1) for k in params])
         torch.testing.assert_close(got_params, want_params, **tol, msg=_at(t, "parameters"))
-
-
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("policy", ["greedy", "lagged"])
-@pytest.mark.parametrize("mode", ["scale", "observe"])
-@pytest.mark.parametrize("curvature", list(CURVATURES))
-def test_step_by_step_against_the_reference(curvature: str, mode: str, policy: str, dtype: torch.dtype, optimizer: str) -> None:
-    loss = "mse" if (list(CURVATURES).index(curvature) + (optimizer == "sgd")) % 2 else "ce"
-    check(curvature, mode, policy, dtype, optimizer, loss)
-
-
-@pytest.mark.parametrize("policy", ["greedy", "lagged"])
-@pytest.mark.parametrize("mode", ["scale", "observe"])
-@pytest.mark.parametrize("curvature", ["hessian", "ggn-exact"])
-def test_every_3_against_the_reference(curvature: str, mode: str, policy: str) -> None:
-    check(curvature, mode, policy, torch.float64, "adam", "ce", every=3)
-
-
-@pytest.mark.parametrize("policy", ["greedy", "lagged"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variants_against_the_reference(variant: str, policy: str) -> None:
-    optimizer, extra, every = VARIANTS[variant]
-    check("hessian", "scale", policy, torch.float64, optimizer, "mse" if policy == "greedy" else "ce", every, **extra)
