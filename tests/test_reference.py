@@ -179,3 +179,35 @@ def test_step_by_step_against_the_reference(case: Case) -> None:
         got_params = torch.cat([v.double().reshape(-1) for v in params.values()])
         want_params = torch.cat([ref["params"][k].reshape(-1) for k in params])
         torch.testing.assert_close(got_params, want_params, **tol, msg=_at(t, "parameters"))
+
+
+def _snapshot(opt: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+    return [(k, torch.as_tensor(v).clone()) for s in opt.state.values() for k, v in s.items()]
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_preview_directions_is_the_next_steps_direction_and_changes_nothing(optimizer: str) -> None:
+    """Before every step: the reference's d, the d that step() then takes, and every state as it was."""
+    expected = reference(Case("ggn", "scale", "greedy", torch.float64, optimizer, "ce"))
+    model, loss_fn = extend(initial_model(nn.Tanh).double()), extend(nn.CrossEntropyLoss())
+    cls, options = OPTIMIZERS[optimizer]
+    opt = cls(model.parameters(), **options, curvature="ggn", step_size="greedy", alpha_max=1.0)
+    shrink = 1 - options["lr"] * options["weight_decay"] if optimizer == "adam" else 1.0
+    for t, ((x, y), ref) in enumerate(zip(batches("ce"), expected, strict=True), 1):
+        opt.zero_grad()
+        with backpack(opt.extension()):
+            loss_fn(model(x.double()), y).backward()
+        state = _snapshot(opt)
+        params, ds = opt.preview_directions()
+        after = _snapshot(opt)
+        assert [k for k, _ in after] == [k for k, _ in state] and len(opt.history) == t - 1
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(after, state))
+        assert params == list(model.parameters())
+        want = torch.cat([ref["d"][k].reshape(-1) for k, _ in model.named_parameters()])
+        got = torch.cat([d.reshape(-1) for d in ds])
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=_at(t, "d"))
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        for p, d, old in zip(params, ds, before):
+            moved = shrink * old + opt.history[-1].alpha * d
+            torch.testing.assert_close(p.detach(), moved, rtol=0, atol=1e-15)
