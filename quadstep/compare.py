@@ -22,7 +22,6 @@ Each probe curvature stores its BackPACK product under its own attribute
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -87,17 +86,7 @@ class CurvatureProbe:
             q.release(params)
 
 
-@torch.no_grad()
 def preview_directions(optimizer: QuadraticLineSearch) -> tuple[list[Tensor], list[Tensor]]:
-    """The parameters with a gradient, and the direction ``d`` the next ``step()`` will take.
-
-    Runs the optimizer's own direction function on a copy of its state, with the
-    gradients now in ``p.grad``; the optimizer is left untouched. Costs one copy of
-    the direction's state (Adam: both moments).
-    """
-    groups = optimizer._groups_with_grads()
-    params = [p for _, ps in groups for p in ps]
-    if not params:
-        return [], []
-    directions, _ = optimizer._directions(groups, lambda p: copy.deepcopy(optimizer.state.get(p, {})))
-    return params, directions
+    """The parameters with a gradient, and the direction ``d`` the next ``step()`` will take:
+    :meth:`QuadraticLineSearch.preview_directions` (the optimizer is left untouched)."""
+    return optimizer.preview_directions()

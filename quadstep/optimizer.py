@@ -129,6 +129,28 @@ class QuadraticLineSearch(Optimizer):
         return self._curvature.extension(measure=self._checks(self._steps + 1))
 
     @torch.no_grad()
+    def preview_directions(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters with a gradient and the direction ``d`` along each that the next ``step()``
+        takes from the gradients now in ``p.grad`` (Adam: with those gradients folded into the moments).
+
+        Changes nothing: the direction runs on a copy of each parameter's state (Adam: both moments).
+
+        Example:
+            >>> loss_fn(model(x), y).backward()
+            >>> params, ds = opt.preview_directions()  # e.g. for CurvatureProbe.quadratic_forms
+            >>> opt.step()  # steps along ds
+        """
+        groups = self._groups_with_grads()
+        params = [p for _, ps in groups for p in ps]
+        if not params:
+            return [], []
+
+        def copied(p: Tensor) -> dict[str, Any]:
+            return {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.state.get(p, {}).items()}
+
+        return params, self._directions(groups, copied)[0]
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         r"""Update the direction's state with g, then take :math:`\theta \leftarrow \theta + \alpha d`.
 
