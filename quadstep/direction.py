@@ -12,12 +12,14 @@ finite (Adam's is 0): the optimizer then steps by ``0·d``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._internals import torch as torch_internals
+from .curvature._common import dot, stack_on
 
 
 def _guarded(g: Tensor, finite: Tensor | None = None) -> Tensor:
@@ -242,3 +244,49 @@ def sgd(
             g = g.add(buf, alpha=momentum) if nesterov else buf
         directions.append(-g)
     return directions
+
+
+Groups = list[tuple[dict[str, Any], list[Tensor]]]
+
+
+def groups_with_grads(param_groups: list[dict[str, Any]], owner: str) -> Groups:
+    """Each param group with its parameters that have a (dense) gradient; ``owner`` names the
+    optimizer in the error for a sparse one."""
+    groups = []
+    for group in param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{owner} does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
+                    "use dense layers, e.g. nn.Embedding(..., sparse=False)."
+                )
+        groups.append((group, params))
+    return groups
+
+
+def of_groups(
+    direction: Callable[..., list[Tensor]], groups: Groups, state_of: Callable[[Tensor], dict[str, Any]]
+) -> tuple[list[Tensor], Tensor]:
+    """``direction`` for every parameter of ``groups``, updating the states ``state_of(p)``; and gᵀg.
+
+    A non-finite gᵀg marks a gradient with NaN/Inf: the states are then left as they were.
+    """
+    params = [p for _, ps in groups for p in ps]
+    grad_sq = stack_on([dot(p.grad, p.grad) for p in params], params[0].device).sum()
+    finite = torch.isfinite(grad_sq)
+    ds: list[Tensor] = []
+    for group, ps in groups:
+        ds += direction(group, ps, [p.grad for p in ps], [state_of(p) for p in ps], finite)
+    return ds, grad_sq
+
+
+def maximizing(groups: Groups) -> bool:
+    """Whether the groups maximize the loss (``maximize=True``); all must agree (one objective)."""
+    flags = {bool(group.get("maximize", False)) for group, ps in groups if ps}
+    if len(flags) > 1:
+        raise ValueError(
+            "maximize must be the same in every parameter group: the step size is chosen for one "
+            "objective, L or -L. No parameter was changed."
+        )
+    return flags == {True}

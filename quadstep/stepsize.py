@@ -265,7 +265,9 @@ class Lagged(StepSizePolicy):
         den = torch.where(ok, den * self.beta + m.lagged_dcd * (1 - self.beta), den)
         return self._ratio(num, den, ok, state)
 
-    def _ratio(self, num: Tensor, den: Tensor, ok: Tensor, state: PolicyState) -> tuple[Proposal, PolicyState]:
+    def _ratio(
+        self, num: Tensor, den: Tensor, ok: Tensor, state: PolicyState
+    ) -> tuple[Proposal, PolicyState]:
         """The clipped ratio of the averages, its status, and the new state (the last alpha kept while
         the ratio is undefined)."""
         raw = num / den
@@ -294,7 +296,8 @@ class Corrected(Lagged):
     The current gradient enters the direction with the weight :math:`W_t = -\partial d_t/\partial g_t`
     (Adam: :math:`\frac{1-\beta_1}{1-\beta_1^t}\,\mathrm{diag}(1/(\sqrt{\hat v_t}+\epsilon))` at fixed
     :math:`\hat v_t`; SGD: a scalar), so the same batch's :math:`-d_t^\top g_t` holds its noise twice:
-    :math:`\mathbb E[-d_t^\top g_t] = -\mathbb E[d_t]^\top \mathbb E[g_t] + \mathrm{tr}(W_t\,\mathrm{Var}(g_t))`.
+    :math:`\mathbb E[-d_t^\top g_t] = -\mathbb E[d_t]^\top \mathbb E[g_t]
+    + \mathrm{tr}(W_t\,\mathrm{Var}(g_t))`.
     From the batch's per-sample gradients :math:`b_n` (:math:`\sum_n b_n = g`, BackPACK's
     ``SumGradSquared`` gives :math:`S = \sum_n b_n^2`), :math:`\widehat{\mathrm{Var}}(g) = (N S - g^2)/(N-1)`
     is unbiased for independent samples, and the policy steps with
@@ -335,13 +338,22 @@ class Corrected(Lagged):
 POLICIES: dict[str, type[StepSizePolicy]] = {"greedy": Greedy, "lagged": Lagged, "corrected": Corrected}
 
 
-def make_policy(policy: str | StepSizePolicy) -> StepSizePolicy:
-    """The policy ``policy`` (an instance, or the name of a built-in one at its defaults)."""
+def make_policy(
+    policy: str | StepSizePolicy, alpha_min: float | None = None, alpha_max: float | None = None
+) -> StepSizePolicy:
+    """The policy ``policy``: an instance as it is, or the built-in one of that name, at its defaults
+    except for ``alpha_min``/``alpha_max`` where they are set."""
     if isinstance(policy, StepSizePolicy):
+        if alpha_min is not None or alpha_max is not None:
+            raise ValueError(
+                "alpha_min/alpha_max set the clip of a policy given by name; a policy instance carries "
+                "its own: pass them to it, e.g. step_size=Lagged(alpha_max=1.0)."
+            )
         return policy
     if policy not in POLICIES:
         raise ValueError(
             f"Invalid step_size: {policy!r} (choose one of {', '.join(map(repr, POLICIES))}, "
             "or pass a quadstep.stepsize.StepSizePolicy instance)"
         )
-    return POLICIES[policy]()
+    bounds = {k: v for k, v in (("alpha_min", alpha_min), ("alpha_max", alpha_max)) if v is not None}
+    return POLICIES[policy](**bounds)

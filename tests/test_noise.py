@@ -62,7 +62,12 @@ def test_adam_noise_estimate_equals_per_sample_gradients_and_torch_adams_state(c
     loss_fn = extend(nn.CrossEntropyLoss())
     betas, eps = (0.8, 0.95), 1e-6
     opt = QuadraticLineSearchAdam(
-        model.parameters(), lr=0.0, betas=betas, eps=eps, curvature=curvature, mode="observe",
+        model.parameters(),
+        lr=0.0,
+        betas=betas,
+        eps=eps,
+        curvature=curvature,
+        mode="observe",
         step_size=Corrected(beta=0.0),
     )
     adam = torch.optim.Adam(shadow.parameters(), lr=0.0, betas=betas, eps=eps)
@@ -82,9 +87,10 @@ def test_adam_noise_estimate_equals_per_sample_gradients_and_torch_adams_state(c
     assert noise_of_last_step(opt) == pytest.approx(float(expected), rel=1e-10)
 
 
-@pytest.mark.parametrize(("momentum", "dampening", "nesterov", "weight"), [(0.0, 0.0, False, 1.0),
-                                                                          (0.9, 0.25, False, 0.75),
-                                                                          (0.9, 0.0, True, 1.9)])
+@pytest.mark.parametrize(
+    ("momentum", "dampening", "nesterov", "weight"),
+    [(0.0, 0.0, False, 1.0), (0.9, 0.25, False, 0.75), (0.9, 0.0, True, 1.9)],
+)
 def test_sgd_noise_estimate_weights_the_variance_by_the_gradients_weight_in_d(
     momentum: float, dampening: float, nesterov: bool, weight: float
 ) -> None:
@@ -93,8 +99,13 @@ def test_sgd_noise_estimate_weights_the_variance_by_the_gradients_weight_in_d(
     extend(model)
     loss_fn = extend(nn.CrossEntropyLoss())
     opt = QuadraticLineSearchSGD(
-        model.parameters(), lr=0.0, momentum=momentum, dampening=dampening, nesterov=nesterov,
-        mode="observe", step_size=Corrected(beta=0.0),
+        model.parameters(),
+        lr=0.0,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        mode="observe",
+        step_size=Corrected(beta=0.0),
     )
     for t in range(1, 4):
         xb, yb = x[t * BATCH : (t + 1) * BATCH], y[t * BATCH : (t + 1) * BATCH]
@@ -104,7 +115,9 @@ def test_sgd_noise_estimate_weights_the_variance_by_the_gradients_weight_in_d(
     assert noise_of_last_step(opt) == pytest.approx(float(expected), rel=1e-10)
 
 
-def monte_carlo(opt: Any, model: nn.Module, x: Tensor, y: Tensor, trials: int, reset: Any) -> dict[str, Tensor]:
+def monte_carlo(
+    opt: Any, model: nn.Module, x: Tensor, y: Tensor, trials: int, reset: Any
+) -> dict[str, Tensor]:
     """Per trial (an independent batch drawn with replacement, the same parameters and optimizer
     state): -dᵀg, the noise estimate ν, and -dᵀḡ with ḡ the gradient over all the data."""
     loss_fn = extend(nn.CrossEntropyLoss())
@@ -202,7 +215,10 @@ def test_corrected_needs_a_curvature_with_per_sample_statistics() -> None:
     model, _, _ = make_problem()
     with pytest.raises(ValueError, match="per-sample gradient statistics.*'lagged'"):
         QuadraticLineSearchAdam(
-            model.parameters(), curvature="ggn-exact", step_size="corrected", model=model,
+            model.parameters(),
+            curvature="ggn-exact",
+            step_size="corrected",
+            model=model,
             loss_fn=nn.CrossEntropyLoss(),
         )
     observe = QuadraticLineSearchAdam(

@@ -108,7 +108,8 @@ class BackpackCurvature:
             raise RuntimeError(
                 f"the step-size policy needs BackPACK's per-sample statistics (`sum_grad_squared`), but "
                 f"{len(lacking)} of {len(params)} parameters have none: run `loss.backward()` inside "
-                "`with backpack(optimizer.extension()):` (that extension computes them). No parameter was changed."
+                "`with backpack(optimizer.extension()):` (that extension computes them). "
+                "No parameter was changed."
             )
         summed = [p for p in params if p in self._accumulation.summed]
         if summed:
@@ -144,8 +145,9 @@ class BackpackCurvature:
         return [dot(d, product(d.unsqueeze(0)).squeeze(0)) for product, d in zip(products, directions)]
 
     def second_moments(self, params: Sequence[Tensor]) -> tuple[list[Tensor], int]:
-        r"""Each parameter's :math:`S = \sum_n b_n^2` over the per-sample gradients :math:`b_n` of the last
-        backward (:math:`\sum_n b_n = g`: :math:`b_n = g_n/N` for a mean loss), and the batch size :math:`N`."""
+        r"""Each parameter's :math:`S = \sum_n b_n^2` over the per-sample gradients :math:`b_n` of the
+        last backward (:math:`\sum_n b_n = g`: :math:`b_n = g_n/N` for a mean loss), and the batch
+        size :math:`N`."""
         return [p.sum_grad_squared for p in params], self._batch[0]
 
     def release(self, params: Sequence[Tensor]) -> None:
