@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from backpack import backpack, extend
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -28,7 +27,8 @@ from quadstep.records import POLICY_FIELDS
 from quadstep.stepsize import POLICIES as POLICY_NAMES
 
 from . import report
-from .submissions import DEFAULT_LR, POLICIES, Submission, observe_submissions, submissions
+from .submissions import BASELINE, DEFAULT_LR, POLICIES, Submission, observe_submissions, submissions
+from .training import fit, minibatches
 from .workloads import Data, DataUnavailable, Workload
 
 log = logging.getLogger("benchmarks")
@@ -108,13 +108,6 @@ def evaluate(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> tuple[float, 
     return total / len(y), correct / len(y)
 
 
-def _set_mode(optimizer: torch.optim.Optimizer, train: bool) -> None:
-    """Schedule-Free keeps two points: ``train()`` before steps, ``eval()`` before evaluating."""
-    method = getattr(optimizer, "train" if train else "eval", None)
-    if callable(method):
-        method()
-
-
 def train_run(workload: Workload, data: Data, sub: Submission, seed: int, steps: int) -> RunResult:
     """Train a fresh model (seeded with ``seed``) for ``steps`` steps of ``sub``; evaluate it.
 
@@ -123,43 +116,13 @@ def train_run(workload: Workload, data: Data, sub: Submission, seed: int, steps:
     row = _identity(workload, sub, seed)
     run_id = row["run_id"]
     torch.manual_seed(seed)
-    model = workload.make_model()
-    loss_fn = make_loss(workload.loss)
-    if sub.backpack:
-        model = extend(model, use_converter=not isinstance(model, nn.Sequential))
-        loss_fn = extend(loss_fn)
-    optimizer = sub.build([p for p in model.parameters() if p.requires_grad], model, loss_fn)
+    trainer = sub.init(workload.make_model(), make_loss(workload.loss))
+    model = trainer.model
     x_eval, y_eval = data.x_train[:TRAIN_EVAL_SIZE], data.y_train[:TRAIN_EVAL_SIZE]
     initial, _ = evaluate(model, workload.loss, x_eval, y_eval)
-
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data.x_train)
-    batch = min(workload.batch_size, n)
-    order, pos = torch.empty(0, dtype=torch.int64), n
-    losses: list[float] = []
-    status = "ok"
-    _set_mode(optimizer, train=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        idx = order[pos : pos + batch]
-        pos += batch
-        optimizer.zero_grad()
-        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-        if sub.backpack:
-            with backpack(optimizer.extension()):
-                loss.backward()
-        else:
-            loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            status = "diverged"
-            break
-    elapsed = time.perf_counter() - start
-    _set_mode(optimizer, train=False)
-
+    batches = minibatches(data.x_train, data.y_train, workload.batch_size, seed)
+    losses, elapsed = fit(trainer, batches, steps)
+    status = "ok" if not losses or math.isfinite(losses[-1]) else "diverged"
     final, _ = evaluate(model, workload.loss, x_eval, y_eval)
     test_loss, accuracy = evaluate(model, workload.loss, data.x_test, data.y_test)
     if not math.isfinite(final) or final > DIVERGENCE_FACTOR * initial:
@@ -175,7 +138,7 @@ def train_run(workload: Workload, data: Data, sub: Submission, seed: int, steps:
     )
 
     log_rows = [{"run_id": run_id, "step": i + 1, "loss": value} for i, value in enumerate(losses)]
-    history = getattr(optimizer, "history", None)
+    history = getattr(trainer.optimizer, "history", None)
     if history is not None:
         columns = history.columns()
         for i, log_row in enumerate(log_rows[: len(history)]):
@@ -306,7 +269,7 @@ def run(
             for stage in ("grid", "observe-best"):
                 if stage == "observe-best":
                     # alpha* along the best fixed-lr Adam trajectory too, where that is not the default lr
-                    best = report.best_lr([r for r in rows if r["workload"] == workload.name], "adam")
+                    best = report.best_lr([r for r in rows if r["workload"] == workload.name], BASELINE)
                     plan = []
                     if best is not None and best != DEFAULT_LR:
                         plan = keep(observe_submissions(workload.backpack, [best], curvatures))
