@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.metadata
 import json
 import logging
@@ -12,7 +13,7 @@ import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -226,8 +227,7 @@ def run(
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     meta = metadata(size=size, seeds=seeds, steps=steps, optimizers=optimizers, curvatures=curvatures)
     results = _CsvSink(out / "results.csv", RESULT_COLUMNS)
     rows: list[dict[str, Any]] = []
@@ -237,8 +237,7 @@ def run(
         meta["wall_seconds"] = round(time.perf_counter() - started, 1)
         (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    def keep(subs: list[Submission]) -> list[Submission]:
-        return [s for s in subs if optimizers is None or s.optimizer in optimizers]
+    keep = functools.partial(_keep, optimizers=optimizers)
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen layer of `quadratic`
     planned = {w.name: _planned_runs(w, curvatures, keep) * len(seeds) for w in workloads}
@@ -255,38 +254,74 @@ def run(
                 bar.update(planned[workload.name])
                 continue
             n_steps = steps if steps is not None else workload.steps[size]
-            meta["workloads"][workload.name] = {
-                "description": workload.description,
-                "loss": workload.loss,
-                "batch_size": workload.batch_size,
-                "steps": n_steps,
-                "n_train": len(data.x_train),
-                "n_test": len(data.x_test),
-                "optimum_test_loss": workload.optimum(data) if workload.optimum else None,
-            }
-            logs = _CsvSink(out / "logs" / f"{workload.name}.csv", LOG_COLUMNS)
-            plan = keep(submissions(workload.backpack, curvatures=curvatures, policies=policies or POLICIES))
-            for stage in ("grid", "observe-best"):
-                if stage == "observe-best":
-                    # alpha* along the best fixed-lr Adam trajectory too, where that is not the default lr
-                    best = report.best_lr([r for r in rows if r["workload"] == workload.name], BASELINE)
-                    plan = []
-                    if best is not None and best != DEFAULT_LR:
-                        plan = keep(observe_submissions(workload.backpack, [best], curvatures))
-                for sub in plan:
-                    for seed in seeds:
-                        bar.set_postfix_str(f"{workload.name}: {sub.label}, seed {seed}")
-                        result = safe_run(workload, data, sub, seed, n_steps)
-                        results.write([result.row])
-                        logs.write(result.log)
-                        rows.append(result.row)
-                        bar.update()
+            meta["workloads"][workload.name] = _workload_info(workload, data, n_steps)
+            plan = _plan(workload, seeds, rows, keep, curvatures, policies or POLICIES)
+            logs = out / "logs" / f"{workload.name}.csv"
+            _run_workload(workload, data, n_steps, plan, results, logs, rows, bar)
             bar.update(done + planned[workload.name] - bar.n)  # an observe-best stage not needed
-            logs.close()
             write_metadata()
     results.close()
     write_metadata()
     return rows
+
+
+def _run_workload(
+    workload: Workload,
+    data: Data,
+    steps: int,
+    plan: Iterable[tuple[Submission, int]],
+    results: _CsvSink,
+    logs: Path,
+    rows: list[dict[str, Any]],
+    bar: Any,
+) -> None:
+    """Run each (submission, seed) of ``plan``: its row to ``results`` and ``rows``, its steps to ``logs``."""
+    sink = _CsvSink(logs, LOG_COLUMNS)
+    for sub, seed in plan:
+        bar.set_postfix_str(f"{workload.name}: {sub.label}, seed {seed}")
+        result = safe_run(workload, data, sub, seed, steps)
+        results.write([result.row])
+        sink.write(result.log)
+        rows.append(result.row)
+        bar.update()
+    sink.close()
+
+
+def _keep(subs: list[Submission], optimizers: Sequence[str] | None) -> list[Submission]:
+    """The submissions of ``subs`` with these ``optimizer`` names (all when None)."""
+    return [s for s in subs if optimizers is None or s.optimizer in optimizers]
+
+
+def _workload_info(workload: Workload, data: Data, steps: int) -> dict[str, Any]:
+    """The workload's entry in metadata.json."""
+    return {
+        "description": workload.description,
+        "loss": workload.loss,
+        "batch_size": workload.batch_size,
+        "steps": steps,
+        "n_train": len(data.x_train),
+        "n_test": len(data.x_test),
+        "optimum_test_loss": workload.optimum(data) if workload.optimum else None,
+    }
+
+
+def _plan(
+    workload: Workload,
+    seeds: Sequence[int],
+    rows: list[dict[str, Any]],
+    keep: Callable[[list[Submission]], list[Submission]],
+    curvatures: Sequence[str] | None,
+    policies: Sequence[tuple[str, int]],
+) -> Iterator[tuple[Submission, int]]:
+    """The (submission, seed) runs of ``workload``: its grid, then alpha* along the best fixed-lr
+    Adam trajectory where that is not the default lr, chosen from ``rows`` once the grid has run
+    (the caller appends each run's row before asking for the next)."""
+    grid = keep(submissions(workload.backpack, curvatures=curvatures, policies=policies))
+    yield from ((sub, seed) for sub in grid for seed in seeds)
+    best = report.best_lr([r for r in rows if r["workload"] == workload.name], BASELINE)
+    if best is not None and best != DEFAULT_LR:
+        observe = keep(observe_submissions(workload.backpack, [best], curvatures))
+        yield from ((sub, seed) for sub in observe for seed in seeds)
 
 
 def _planned_runs(
