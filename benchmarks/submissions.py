@@ -175,8 +175,8 @@ class Submission:
             model = extend(model, use_converter=not isinstance(model, nn.Sequential))
             loss_fn = extend(loss_fn)
         optimizer = self.build([p for p in model.parameters() if p.requires_grad], model, loss_fn)
-        extensions = (optimizer.extension,) if self.backpack else ()
-        return Trainer(model, loss_fn, optimizer, extensions)  # type: ignore[arg-type]
+        extensions = (optimizer.extension,) if self.backpack else ()  # type: ignore[attr-defined]
+        return Trainer(model, loss_fn, optimizer, extensions)
 
 
 @dataclass
@@ -198,7 +198,8 @@ class Trainer:
     training: bool = False
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One training step on the batch ``(x, y)``; returns its loss, detached (no host sync)."""
+        """One training step on the batch ``(x, y)``: zero_grad, forward, loss, backward (under
+        BackPACK with :attr:`extensions`), step; returns the loss, detached (no host sync)."""
         self.train()
         self.optimizer.zero_grad()
         loss = self.loss_fn(self.model(x), y)
