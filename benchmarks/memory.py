@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from backpack import backpack, extend
 from torch import nn
 
-from quadstep import QuadraticLineSearchAdam
+from quadstep import CURVATURES
 
+from .submissions import DEFAULT_LR, Submission, Trainer, quadstep_default
+from .training import minibatches, train
 from .workloads.digits import WORKLOAD
 
 
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--interval", type=int, default=1000, help="steps between reports (default: 1000)")
     parser.add_argument("--history-size", type=int, default=1000,
                         help="records the optimizer keeps (default: 1000; 0 keeps all)")  # fmt: skip
-    parser.add_argument("--curvature", default="hessian", help="hessian | ggn | pch-clip | pch-abs (default: hessian)")
+    parser.add_argument("--curvature", default="hessian", choices=CURVATURES, help="(default: hessian)")
     parser.add_argument("--alpha-max", type=float, default=None,
                         help="upper clip of alpha (default: the step-size policy's)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -75,65 +76,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def trainer_for(args: argparse.Namespace, device: torch.device) -> Trainer:
+    """The digits MLP with quadstep in scale mode at its default step-size policy, as ``args`` set it."""
+    torch.manual_seed(args.seed)
+    options = (("alpha_max", args.alpha_max), ("history_size", args.history_size or None))
+    step_size = quadstep_default("step_size")
+    sub = Submission("quadstep_adam", DEFAULT_LR, args.curvature, "scale", step_size, options=options)
+    return sub.init(WORKLOAD.make_model().to(device), nn.CrossEntropyLoss())
+
+
+def report(
+    step: int, done: int, seconds: float, loss_sum: float, history: int, device: torch.device
+) -> dict[str, Any]:
+    """The figures after ``step`` steps, ``done`` of them (summing to ``loss_sum``) in ``seconds``."""
+    row: dict[str, Any] = {
+        "step": step,
+        "rss_mib": rss_mib(),
+        "live_tensors": live_tensors(),
+        "history": history,
+        "mean_loss": loss_sum / done,
+        "steps_per_s": done / seconds,
+    }
+    if device.type == "cuda":
+        row["cuda_mib"] = torch.cuda.memory_allocated(device) / 2**20
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # BackPACK on the first layer
     device = torch.device(args.device)
     data = WORKLOAD.load_data(args.seed, "full")
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    torch.manual_seed(args.seed)
-    model = extend(WORKLOAD.make_model().to(device))
-    loss_fn = extend(nn.CrossEntropyLoss())
-    opt = QuadraticLineSearchAdam(
-        model.parameters(),
-        curvature=args.curvature,
-        mode="scale",
-        alpha_max=args.alpha_max,
-        history_size=args.history_size or None,
-    )
-    gen = torch.Generator().manual_seed(args.seed)
+    trainer = trainer_for(args, device)
+    history = trainer.optimizer.history  # type: ignore[attr-defined]
     batch = WORKLOAD.batch_size
-    order = torch.randperm(len(x), generator=gen)
-
     print(f"{args.steps} steps, digits MLP, batch {batch}, curvature={args.curvature}, mode=scale, "
-          f"alpha_max={args.alpha_max}, history_size={args.history_size or None}, device={device}, {args.threads} thread(s)")  # fmt: skip
-    header = f"{'step':>6} {'RSS MiB':>9} {'ΔRSS':>7} {'tensors':>8} {'history':>8} {'loss':>8} {'steps/s':>8}"
-    if device.type == "cuda":
-        header += f" {'CUDA MiB':>9}"
-    print(header)
+          f"alpha_max={args.alpha_max}, history_size={args.history_size or None}, device={device}, "
+          f"{args.threads} thread(s)")  # fmt: skip
+    header = f"{'step':>6} {'RSS MiB':>9} {'ΔRSS':>7} {'tensors':>8} {'history':>8} {'loss':>8} "
+    header += f"{'steps/s':>8}"
+    print(header + (f" {'CUDA MiB':>9}" if device.type == "cuda" else ""))
     rows: list[dict[str, Any]] = []
     losses = torch.zeros((), device=device)
     start = time.perf_counter()
-    pos = 0
-    for step in range(1, args.steps + 1):
-        if pos + batch > len(x):
-            order, pos = torch.randperm(len(x), generator=gen), 0
-        idx = order[pos : pos + batch].to(device)
-        pos += batch
-        opt.zero_grad()
-        loss = loss_fn(model(x[idx]), y[idx])
-        with backpack(opt.extension()):
-            loss.backward()
-        opt.step()
-        losses += loss.detach()
+    batches = minibatches(data.x_train.to(device), data.y_train.to(device), batch, args.seed)
+    for step, loss in enumerate(train(trainer, batches, args.steps), start=1):
+        losses += loss
         if step % args.interval == 0 or step == args.steps:
-            elapsed = time.perf_counter() - start
             done = args.interval if step % args.interval == 0 else step % args.interval
-            row = {
-                "step": step,
-                "rss_mib": rss_mib(),
-                "live_tensors": live_tensors(),
-                "history": len(opt.history),
-                "mean_loss": float(losses) / done,
-                "steps_per_s": done / elapsed,
-            }
-            if device.type == "cuda":
-                row["cuda_mib"] = torch.cuda.memory_allocated(device) / 2**20
+            row = report(step, done, time.perf_counter() - start, float(losses), len(history), device)
             row["delta_rss_mib"] = row["rss_mib"] - rows[0]["rss_mib"] if rows else 0.0
             rows.append(row)
-            line = (f"{step:>6} {row['rss_mib']:>9.1f} {row['delta_rss_mib']:>+7.1f} {row['live_tensors']:>8} "
-                    f"{row['history']:>8} {row['mean_loss']:>8.4f} {row['steps_per_s']:>8.1f}")  # fmt: skip
+            line = (f"{step:>6} {row['rss_mib']:>9.1f} {row['delta_rss_mib']:>+7.1f} "
+                    f"{row['live_tensors']:>8} {row['history']:>8} {row['mean_loss']:>8.4f} "
+                    f"{row['steps_per_s']:>8.1f}")  # fmt: skip
             if "cuda_mib" in row:
                 line += f" {row['cuda_mib']:>9.2f}"
             print(line, flush=True)
@@ -143,21 +140,31 @@ def main(argv: list[str] | None = None) -> None:
     base = rows[1] if len(rows) > 2 else rows[0]  # the first report includes warm-up allocations
     growth = rows[-1]["rss_mib"] - base["rss_mib"]
     per_k = 1000 * growth / max(rows[-1]["step"] - base["step"], 1)
-    print(f"RSS from step {base['step']} to {rows[-1]['step']}: {growth:+.1f} MiB ({per_k:+.3f} MiB per 1000 steps); "
+    print(f"RSS from step {base['step']} to {rows[-1]['step']}: {growth:+.1f} MiB "
+          f"({per_k:+.3f} MiB per 1000 steps); "
           f"live tensors {base['live_tensors']} -> {rows[-1]['live_tensors']}; "
           f"history {rows[-1]['history']} records")  # fmt: skip
-    print(opt.history.format_summary())
+    print(history.format_summary())
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "torch": torch.__version__,
-            "backpack": importlib.metadata.version("backpack-for-pytorch"),
-            "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        }
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "rss_growth_mib": growth}, indent=1))
-        print(f"wrote {args.out}")
+        write_json(args, device, rows, growth)
+
+
+def write_json(
+    args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]], growth: float
+) -> None:
+    """The figures and their metadata as JSON, to ``args.out``."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "backpack": importlib.metadata.version("backpack-for-pytorch"),
+        "python": platform.python_version(),
+        "device": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        ),
+    }
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "rss_growth_mib": growth}, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

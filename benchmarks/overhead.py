@@ -3,14 +3,15 @@ r"""What a quadstep step costs next to a ``torch.optim.Adam`` step: ``python -m 
 For every problem (ReLU MLPs 784-256-…-256-10 with ``depth`` linear layers, and the
 Fashion-MNIST CNN of :mod:`benchmarks.workloads.fmnist_cnn`; batch 128, random data,
 cross-entropy) and every curvature option in :data:`quadstep.CURVATURES`, one
-*step* is ``zero_grad`` + forward + backward + ``optimizer.step()``:
+*step* is the submission's own (:class:`~benchmarks.submissions.Trainer`): ``zero_grad`` +
+forward + backward + ``optimizer.step()``:
 
 - Adam: ``torch.optim.Adam`` on a plain model (merely ``extend``-ing a model slows its backward),
   with its defaults: the reference of every ratio. ``adam-fused``: the same with ``fused=True``,
   the kernel quadstep's Adam direction runs where it exists, for comparison.
 - BackPACK curvatures: :class:`~quadstep.QuadraticLineSearchAdam` on an ``extend``-ed copy,
   given ``model=`` (so that the backward frees the activations BackPACK keeps; not with
-  ``--without-model``), forward and backward inside ``with backpack(opt.extension()):``.
+  ``--without-model``), the backward inside ``with backpack(opt.extension()):``.
 - Any other curvature (e.g. exact ones that need no BackPACK): the optimizer is built with
   ``model=model, loss_fn=loss_fn`` and stepped after a plain backward; an option whose
   constructor refuses these arguments is skipped with a message.
@@ -44,6 +45,7 @@ import contextlib
 import copy
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -57,21 +59,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from backpack import backpack, extend
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 import quadstep
-from quadstep.curvature.backpack import BackpackCurvature
 
 from .runner import metadata
+from .submissions import Submission, Trainer, quadstep_default
+from .training import train
 from .workloads.fmnist_cnn import make_model as make_cnn
 
 BATCH_SIZE = 128
 WIDTH = 256
 NUM_CLASSES = 10
-
-Step = Callable[[], None]
+LR = 1e-3
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -86,12 +87,19 @@ class Problem:
 
 @dataclass(frozen=True)
 class Contender:
-    """An optimizer to time: ``build(template, x, y)`` returns a fresh copy's step function."""
+    """An optimizer to time, as the submission that builds it and takes its steps."""
 
     name: str
-    curvature: str
-    build: Callable[[nn.Module, Tensor, Tensor], Step]
+    submission: Submission
     policy: str = ""  #: quadstep's step-size policy and curvature-query interval, e.g. ``lagged@10``
+
+    @property
+    def curvature(self) -> str:
+        return self.submission.curvature
+
+    def trainer(self, template: nn.Module) -> Trainer:
+        """A fresh copy of ``template`` with this contender's optimizer, ready to step."""
+        return self.submission.init(copy.deepcopy(template), nn.CrossEntropyLoss())
 
 
 def make_mlp(depth: int) -> nn.Sequential:
@@ -112,86 +120,37 @@ def problems(depths: Sequence[int], cnn: bool) -> list[Problem]:
     return out
 
 
-def plain_step(
-    model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor
-) -> Step:
-    """zero_grad, forward, loss, a plain backward (no BackPACK context), step."""
-
-    def step() -> None:
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
-
-    return step
-
-
-def adam(fused: bool = False) -> Callable[[nn.Module, Tensor, Tensor], Step]:
-    def build(template: nn.Module, x: Tensor, y: Tensor) -> Step:
-        model = copy.deepcopy(template)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
-        return plain_step(model, nn.CrossEntropyLoss(), opt, x, y)
-
-    return build
-
-
-def _policy(spec: str) -> dict[str, object]:
-    """``NAME[@K]`` as the optimizer's ``step_size=NAME, every=K``."""
+def _policy(spec: str) -> tuple[str, int]:
+    """``NAME[@K]`` as the optimizer's ``(step_size, every)``."""
     name, _, every = spec.partition("@")
-    return {"step_size": name, "every": int(every or 1)}
-
-
-def quadstep_backpack(
-    curvature: str, policy: str, given_model: bool = True
-) -> Callable[[nn.Module, Tensor, Tensor], Step]:
-    def build(template: nn.Module, x: Tensor, y: Tensor) -> Step:
-        model = extend(copy.deepcopy(template))
-        loss_fn = extend(nn.CrossEntropyLoss())
-        opt = quadstep.QuadraticLineSearchAdam(
-            model.parameters(),
-            lr=1e-3,
-            curvature=curvature,
-            model=model if given_model else None,
-            **_policy(policy),  # type: ignore[arg-type]
-        )
-
-        def step() -> None:
-            opt.zero_grad()
-            with backpack(opt.extension()):
-                loss_fn(model(x), y).backward()
-            opt.step()
-
-        return step
-
-    return build
-
-
-def quadstep_plain(curvature: str, policy: str) -> Callable[[nn.Module, Tensor, Tensor], Step]:
-    def build(template: nn.Module, x: Tensor, y: Tensor) -> Step:
-        model, loss_fn = copy.deepcopy(template), nn.CrossEntropyLoss()
-        opt = quadstep.QuadraticLineSearchAdam(  # type: ignore[call-arg]
-            model.parameters(), lr=1e-3, curvature=curvature, model=model, loss_fn=loss_fn,
-            **_policy(policy),  # type: ignore[arg-type]
-        )
-        return plain_step(model, loss_fn, opt, x, y)
-
-    return build
+    return name, int(every or 1)
 
 
 def contenders(
     curvatures: Sequence[str], policies: Sequence[str] = ("greedy",), given_model: bool = True
 ) -> list[Contender]:
     """Adam (the reference), Adam with its fused kernel, then one quadstep contender (scale mode) per
-    curvature and step-size policy ``NAME[@K]``."""
-    out = [Contender("adam", "", adam()), Contender("adam-fused", "", adam(fused=True))]
+    curvature and step-size policy ``NAME[@K]``; the BackPACK ones given ``model=`` when ``given_model``."""
+    out = [
+        Contender("adam", Submission("adam", LR)),
+        Contender("adam-fused", Submission("adam", LR, options=(("fused", True),))),
+    ]
+    defaults = (("history_size", quadstep_default("history_size")),)  # what a user's run keeps
     for policy in policies:
-        for name in curvatures:
-            build = (
-                quadstep_backpack(name, policy, given_model)
-                if name in BackpackCurvature.NAMES
-                else quadstep_plain(name, policy)
-            )
-            out.append(Contender("quadstep", name, build, policy))
+        for curvature in curvatures:
+            step_size, every = _policy(policy)
+            sub = Submission(
+                "quadstep_adam", LR, curvature, "scale", step_size, every,
+                options=defaults, free_activations=given_model,
+            )  # fmt: skip
+            out.append(Contender("quadstep", sub, policy))
     return out
+
+
+def _steps(trainer: Trainer, x: Tensor, y: Tensor, steps: int) -> None:
+    """``steps`` training steps of ``trainer`` on the batch ``(x, y)``."""
+    for _ in train(trainer, itertools.repeat((x, y)), steps):
+        pass
 
 
 #: What torch's profiler (kineto) writes to the stderr file descriptor at every start and stop.
@@ -216,18 +175,15 @@ def _without_profiler_lines() -> Iterator[None]:
             sys.stderr.write("".join(line for line in lines if not _PROFILER_LINE.match(line)))
 
 
-def peak_bytes(
-    build: Callable[[nn.Module, Tensor, Tensor], Step], template: nn.Module, x: Tensor, y: Tensor, steps: int
-) -> int:
+def peak_bytes(contender: Contender, template: nn.Module, x: Tensor, y: Tensor, steps: int) -> int:
     """Most bytes of CPU tensors alive at once while a fresh copy is built and run ``steps`` steps."""
     from torch._C._profiler import _EventType
 
     gc.collect()
     with _without_profiler_lines(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step = build(template, x, y)
-        for _ in range(steps):
-            step()
-        del step
+        trainer = contender.trainer(template)
+        _steps(trainer, x, y, steps)
+        del trainer
     events = list(prof.profiler.kineto_results.experimental_event_tree())
     allocations = []
     while events:
@@ -278,29 +234,26 @@ def run_problem(
     x = torch.randn(BATCH_SIZE, *problem.input_shape)
     y = torch.randint(0, NUM_CLASSES, (BATCH_SIZE,))
 
-    runnable: list[tuple[Contender, Step]] = []
+    runnable: list[tuple[Contender, Trainer]] = []
     for entry in entries:
         try:
-            step = entry.build(template, x, y)
+            trainer = entry.trainer(template)
         except (TypeError, RuntimeError) as err:  # takes no model/loss_fn; no fused kernel here
             print(f"  skipped {entry.name} {entry.curvature}: {err}")
             continue
-        runnable.append((entry, step))
-    for _, step in runnable:
-        for _ in range(1 + warmup):
-            step()
+        runnable.append((entry, trainer))
+    for _, trainer in runnable:
+        _steps(trainer, x, y, 1 + warmup)
 
     seconds: list[list[float]] = [[] for _ in runnable]
     for r in range(rounds):
         order = [(i + r) % len(runnable) for i in range(len(runnable))]
         for i in order:
-            step = runnable[i][1]
             start = clock()
-            for _ in range(steps):
-                step()
+            _steps(runnable[i][1], x, y, steps)
             seconds[i].append((clock() - start) / steps)
 
-    peaks = [peak_bytes(entry.build, template, x, y, memory_steps) for entry, _ in runnable]
+    peaks = [peak_bytes(entry, template, x, y, memory_steps) for entry, _ in runnable]
     return [
         Result(
             problem=problem.name,

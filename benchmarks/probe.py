@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from quadstep import CURVATURES, StepProbe
-from quadstep.curvature import EXACT_CURVATURES
 
 from . import report
-from .runner import REPO_ROOT, TRAIN_EVAL_SIZE, _CsvSink, _set_mode, evaluate, make_loss, metadata
-from .submissions import DEFAULT_LR, PEER_LRS, Submission
+from .runner import REPO_ROOT, TRAIN_EVAL_SIZE, _CsvSink, evaluate, make_loss, metadata
+from .submissions import BACKPACK_CURVATURES, BASELINE, DEFAULT_LR, PEER_LRS, Submission
+from .training import fit, minibatches
 from .workloads import Data, DataUnavailable, Workload, all_workloads
 
 log = logging.getLogger("benchmarks")
@@ -53,16 +53,11 @@ WINDOW = 25
 def peers(workload: str, reference: list[dict[str, Any]]) -> list[Submission]:
     """Adam and SGD at the best lr the reference found for ``workload``, then the self-tuning peers."""
     rows = [r for r in reference if r["workload"] == workload]
-    adam = report.best_lr(rows, "adam") or DEFAULT_LR
+    adam = report.best_lr(rows, BASELINE) or DEFAULT_LR
     sgd = report.best_lr(rows, "sgd") or DEFAULT_SGD_LR
-    return [Submission("adam", adam), Submission("sgd", sgd)] + [
+    return [Submission(BASELINE, adam), Submission("sgd", sgd)] + [
         Submission(name, lr) for name, lr in PEER_LRS.items()
     ]
-
-
-def name_of(sub: Submission) -> str:
-    """The peer's name in tables and legends, without the lr (Adam's and SGD's differ per workload)."""
-    return {"adam": "Adam", "sgd": "SGD"}.get(sub.optimizer, sub.label)
 
 
 def probe_run(
@@ -73,45 +68,14 @@ def probe_run(
     Returns the run's summary (final training loss, seconds per step) and its steps.csv rows.
     """
     torch.manual_seed(seed)
-    model = workload.make_model()
-    loss_fn = make_loss(workload.loss)
-    exact = curvature in EXACT_CURVATURES
-    if not exact:
-        from backpack import extend
-
-        model = extend(model, use_converter=not isinstance(model, torch.nn.Sequential))
-        loss_fn = extend(loss_fn)
-    optimizer = sub.build([p for p in model.parameters() if p.requires_grad], model, loss_fn)
-    probe = StepProbe(optimizer, curvature, model=model, loss_fn=loss_fn, history_size=None)
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data.x_train)
-    batch = min(workload.batch_size, n)
-    order, pos = torch.empty(0, dtype=torch.int64), n
-    losses: list[float] = []
-    _set_mode(optimizer, train=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        idx = order[pos : pos + batch]
-        pos += batch
-        optimizer.zero_grad()
-        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-        if exact:
-            loss.backward()
-        else:
-            from backpack import backpack
-
-            with backpack(probe.extension()):
-                loss.backward()
-        probe.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            break
-    elapsed = time.perf_counter() - start
-    _set_mode(optimizer, train=False)
+    backpack = curvature in BACKPACK_CURVATURES
+    trainer = sub.init(workload.make_model(), make_loss(workload.loss), extend_model=backpack)
+    model = trainer.model
+    probe = StepProbe(trainer.optimizer, curvature, model=model, loss_fn=trainer.loss_fn, history_size=None)
+    batches = minibatches(data.x_train, data.y_train, workload.batch_size, seed)
+    losses, elapsed = fit(trainer.probed(probe), batches, steps)
     final, _ = evaluate(model, workload.loss, data.x_train[:TRAIN_EVAL_SIZE], data.y_train[:TRAIN_EVAL_SIZE])
-    identity = {"workload": workload.name, "optimizer": sub.optimizer, "label": name_of(sub), "lr": sub.lr}
+    identity = {"workload": workload.name, "optimizer": sub.optimizer, "label": sub.name, "lr": sub.lr}
     columns = probe.history.columns()
     recorded = ("step", "alpha_star", "dg", "dHd", "status")
     rows = [

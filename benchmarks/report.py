@@ -9,14 +9,14 @@ import argparse
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from quadstep.stepsize import DEFINED
 from quadstep.stepsize import POLICIES as POLICY_NAMES
 
-from .submissions import DEFAULT_LR
+from .submissions import BASELINE, DEFAULT_LR
 
 #: Columns of results.csv read as numbers (empty cells become None).
 FLOAT_COLUMNS = (
@@ -31,9 +31,12 @@ FLOAT_COLUMNS = (
     "alpha_star_defined",
 )
 INT_COLUMNS = ("seed", "steps")
-PEERS = ("prodigy", "dadapt_adam", "schedulefree_adamw")
+#: The peers each step-size policy is scored against in the policies table (Prodigy stands for
+#: D-Adaptation, its predecessor).
+RIVALS = ("prodigy", "schedulefree_adamw")
 
 Config = tuple[str, float, str, str]  # optimizer, lr, curvature, mode
+Runs = dict[Config, list[dict[str, Any]]]  # the runs of each configuration
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -70,9 +73,9 @@ def config_of(row: dict[str, Any]) -> Config:
     return (row["optimizer"], float(row["lr"]), row["curvature"] or "", mode)
 
 
-def by_config(rows: Sequence[dict[str, Any]]) -> dict[Config, list[dict[str, Any]]]:
+def by_config(rows: Sequence[dict[str, Any]]) -> Runs:
     """Rows grouped by configuration, in order of first appearance."""
-    groups: dict[Config, list[dict[str, Any]]] = {}
+    groups: Runs = {}
     for row in rows:
         groups.setdefault(config_of(row), []).append(row)
     return groups
@@ -114,18 +117,54 @@ def _fmt(values: Sequence[float | None], percent: bool = False) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
-def _step_size(config: Config, runs: Sequence[dict[str, Any]]) -> str:
-    if config[0] == "quadstep_adam" and config[3].startswith("scale"):
+def is_quadstep(config: Config) -> bool:
+    """Whether the configuration records α*: it has a mode (``observe``, ``scale``, ``scale:…``)."""
+    return bool(config[3])
+
+
+def is_scale(config: Config) -> bool:
+    """Whether the configuration takes quadstep's α (scale mode, with any policy)."""
+    return config[3].startswith("scale")
+
+
+def fixed_lrs(configs: Iterable[Config]) -> dict[str, list[float]]:
+    """The lrs each optimizer without a mode ran at; optimizers in order of first appearance."""
+    out: dict[str, list[float]] = {}
+    for name, lr, _, mode in configs:
+        if not mode and lr not in out.setdefault(name, []):
+            out[name].append(lr)
+    return out
+
+
+def lr_grids(configs: Iterable[Config]) -> list[str]:
+    """The optimizers run at several lrs: a grid, of which the report picks the best lr."""
+    return [name for name, lrs in fixed_lrs(configs).items() if len(lrs) > 1]
+
+
+def peers(configs: Iterable[Config]) -> list[str]:
+    """The optimizers run at one lr, their own default."""
+    return [name for name, lrs in fixed_lrs(configs).items() if len(lrs) == 1]
+
+
+def display_name(rows: Sequence[dict[str, Any]], optimizer: str) -> str:
+    """``optimizer``'s name in tables: the label of its runs without a mode, less its `` lr=…``."""
+    for row in rows:
+        if row["optimizer"] == optimizer and not row["mode"]:
+            return str(row["label"]).removesuffix(f" lr={float(row['lr']):g}")
+    return optimizer
+
+
+def _step_size(config: Config, runs: Sequence[dict[str, Any]], peer: Collection[str]) -> str:
+    if is_scale(config):
         mean, _, n = mean_std([r["alpha_median"] for r in runs])
         return f"α̃ {mean:.3g}" if n else "–"
-    if config[0] in PEERS:
+    if config[0] in peer:
         return f"lr {config[1]:g} (default)"
     return f"lr {config[1]:g}"
 
 
-def _table(
-    groups: dict[Config, list[dict[str, Any]]], adam_seconds: float, classification: bool
-) -> list[str]:
+def _table(groups: Runs, peer: Collection[str], adam_seconds: float, classification: bool) -> list[str]:
+    """One row per configuration of ``groups``; ``peer``: the optimizers run at their default lr."""
     head = "| optimizer | step size | final train loss | test loss |" + (
         " test acc % |" if classification else ""
     )
@@ -133,7 +172,7 @@ def _table(
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for config, runs in groups.items():
         alpha = "–"
-        if config[0] == "quadstep_adam":
+        if is_quadstep(config):
             median, _, n = mean_std([r["alpha_star_median"] for r in runs])
             defined, _, _ = mean_std([r["alpha_star_defined"] for r in runs])
             alpha = f"{median:.3g} ({100 * defined:.0f}%)" if n else "–"
@@ -143,7 +182,7 @@ def _table(
         statuses = sorted({r["status"] for r in runs} - {"ok"})
         cells = [
             runs[0]["label"],
-            _step_size(config, runs),
+            _step_size(config, runs, peer),
             _fmt([r["final_train_loss"] for r in runs if r["status"] == "ok"]),
             _fmt([r["test_loss"] for r in runs if r["status"] == "ok"]),
         ]
@@ -154,27 +193,25 @@ def _table(
     return lines
 
 
-def headline(rows: Sequence[dict[str, Any]]) -> dict[Config, list[dict[str, Any]]]:
-    """The main table's rows: best and default (1e-3) Adam lr, every alpha* variant, the peers, best SGD."""
+def headline(rows: Sequence[dict[str, Any]]) -> Runs:
+    """The main table's rows: the baseline at its best and its default lr, every quadstep variant
+    (scale mode first), the peers, and every other lr grid at its best lr."""
     groups = by_config(rows)
-    adam, sgd = best_lr(rows, "adam"), best_lr(rows, "sgd")
-    picked: dict[Config, list[dict[str, Any]]] = {}
-    for config, runs in groups.items():
-        name, lr, _, mode = config
-        if (
-            (name == "adam" and lr in (adam, DEFAULT_LR))
-            or name == "quadstep_adam"
-            or name in PEERS
-            or (name == "sgd" and lr == sgd)
-        ):
-            picked[config] = runs
-    order = {"adam": 0, "quadstep_adam": 1, "prodigy": 2, "dadapt_adam": 3, "schedulefree_adamw": 4, "sgd": 5}
-    return dict(
-        sorted(
-            picked.items(),
-            key=lambda kv: (order.get(kv[0][0], 9), not kv[0][3].startswith("scale"), kv[0][1]),
-        )
-    )
+    grids, peer = lr_grids(groups), peers(groups)
+    best = {name: best_lr(rows, name) for name in grids}
+    appearance = list(dict.fromkeys(c[0] for c in groups))
+
+    def shown(config: Config) -> bool:
+        name, lr = config[:2]
+        defaults = (DEFAULT_LR,) if name == BASELINE else ()
+        return is_quadstep(config) or name in peer or (name in grids and lr in (best[name], *defaults))
+
+    def rank(config: Config) -> tuple[int, int, bool, float]:
+        name, lr = config[:2]
+        role = 0 if name == BASELINE else 1 if is_quadstep(config) else 2 if name in peer else 3
+        return role, appearance.index(name), not is_scale(config), lr
+
+    return dict(sorted(((c, runs) for c, runs in groups.items() if shown(c)), key=lambda kv: rank(kv[0])))
 
 
 def _classification(meta: dict[str, Any], workload: str) -> bool:
@@ -182,42 +219,55 @@ def _classification(meta: dict[str, Any], workload: str) -> bool:
     return meta.get("workloads", {}).get(workload, {}).get("loss", "cross_entropy") == "cross_entropy"
 
 
+def _variants(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+    """quadstep's scale-mode variants, as (optimizer, curvature, mode) -> label."""
+    return {(c[0], *c[2:]): runs[0]["label"] for c, runs in by_config(rows).items() if is_scale(c)}
+
+
+def _variant(groups: Runs, key: tuple[str, str, str]) -> Config | None:
+    return next((c for c in groups if (c[0], *c[2:]) == key), None)
+
+
 def overview(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
-    """One row per workload: final train loss (test accuracy) of the best Adam lr, each alpha*
-    scale variant, each peer and the best SGD lr; mean over seeds, "diverged" where any seed did."""
-    variants = {c[2:]: runs[0]["label"] for c, runs in by_config(rows).items()
-                if c[0] == "quadstep_adam" and c[3].startswith("scale")}
-    head = ["workload", "Adam, best lr", *variants.values(), "Prodigy", "D-Adapt Adam",
-            "Schedule-Free AdamW", "SGD, best lr"]
+    """One row per workload: final train loss (test accuracy) of the baseline at its best lr, each
+    alpha* scale variant, each peer and every other lr grid at its best lr; mean over seeds,
+    "diverged" where any seed did."""
+    variants = _variants(rows)
+    configs = by_config(rows)
+    peer = peers(configs)
+    grids = [BASELINE, *(g for g in lr_grids(configs) if g != BASELINE)]
+    head = ["workload", f"{display_name(rows, BASELINE)}, best lr", *variants.values()]
+    head += [display_name(rows, name) for name in peer]
+    head += [f"{display_name(rows, name)}, best lr" for name in grids[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for workload in dict.fromkeys(r["workload"] for r in rows):
         wrows = [r for r in rows if r["workload"] == workload]
-        classification = _classification(meta, workload)
         groups = by_config(wrows)
-
-        def cell(config: Config | None, lr_label: bool = False) -> str:
-            runs = groups.get(config) if config else None
-            if not runs:
-                return "–"
-            if not math.isfinite(score(runs)):
-                return "diverged"
-            text = f"{mean_std([r['final_train_loss'] for r in runs])[0]:.3g}"
-            if classification:
-                text += f" ({100 * mean_std([r['test_accuracy'] for r in runs])[0]:.1f} %)"
-            return (f"lr {config[1]:g}: " if lr_label and config else "") + text
-
-        adam, sgd = best_lr(wrows, "adam"), best_lr(wrows, "sgd")
-        peers = {c[0]: c for c in groups if c[0] in PEERS}
+        classification = _classification(meta, workload)
+        best = {name: best_lr(wrows, name) for name in grids}
+        at_best = {n: (n, lr, "", "") if lr is not None else None for n, lr in best.items()}
+        at_default = {c[0]: c for c in groups if c[0] in peer}
         cells = [
             workload,
-            cell(("adam", adam, "", "") if adam is not None else None, lr_label=True),
-            *[cell(next((c for c in groups if c[0] == "quadstep_adam" and c[2:] == k), None))
-              for k in variants],
-            *[cell(peers.get(name)) for name in PEERS],
-            cell(("sgd", sgd, "", "") if sgd is not None else None, lr_label=True),
+            _overview_cell(groups, at_best[BASELINE], classification, lr_label=True),
+            *[_overview_cell(groups, _variant(groups, key), classification) for key in variants],
+            *[_overview_cell(groups, at_default.get(name), classification) for name in peer],
+            *[_overview_cell(groups, at_best[n], classification, lr_label=True) for n in grids[1:]],
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _overview_cell(groups: Runs, config: Config | None, classification: bool, lr_label: bool = False) -> str:
+    runs = groups.get(config) if config else None
+    if not runs:
+        return "–"
+    if not math.isfinite(score(runs)):
+        return "diverged"
+    text = f"{mean_std([r['final_train_loss'] for r in runs])[0]:.3g}"
+    if classification:
+        text += f" ({100 * mean_std([r['test_accuracy'] for r in runs])[0]:.1f} %)"
+    return (f"lr {config[1]:g}: " if lr_label and config else "") + text
 
 
 def _metric(runs: Sequence[dict[str, Any]], classification: bool) -> tuple[float, float, bool]:
@@ -227,7 +277,10 @@ def _metric(runs: Sequence[dict[str, Any]], classification: bool) -> tuple[float
     return mean, std, n == len(runs) and all(r["status"] == "ok" for r in runs)
 
 
-def reaches(a: tuple[float, float, bool], b: tuple[float, float, bool], classification: bool) -> bool:
+Metric = tuple[float, float, bool]
+
+
+def reaches(a: Metric, b: Metric, classification: bool) -> bool:
     """Whether metric ``a`` reaches ``b``: better, or within the larger seed std, or (accuracy) 1 point."""
     if not a[2] or math.isnan(a[0]):
         return False
@@ -237,65 +290,71 @@ def reaches(a: tuple[float, float, bool], b: tuple[float, float, bool], classifi
     return better or abs(a[0] - b[0]) <= max(a[1], b[1]) or (classification and b[0] - a[0] <= 0.01)
 
 
+def rivals(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The :data:`RIVALS` that ran, as optimizer -> name."""
+    ran = {r["optimizer"] for r in rows}
+    return {name: display_name(rows, name) for name in RIVALS if name in ran}
+
+
+def _metric_text(m: Metric, classification: bool) -> str:
+    if math.isnan(m[0]):
+        return "–"
+    value = f"{100 * m[0]:.1f} ± {100 * m[1]:.1f} %" if classification else f"{m[0]:.4g} ± {m[1]:.2g}"
+    return value if m[2] else value + " (diverged)"
+
+
+def _best_baseline(groups: Runs, classification: bool) -> Config | None:
+    """The baseline's lr with the best mean test metric over complete runs."""
+    baseline = {c: _metric(runs, classification) for c, runs in groups.items() if c[0] == BASELINE}
+    sign = -1 if classification else 1
+
+    def rank(c: Config) -> float:
+        mean, _, complete = baseline[c]
+        return sign * mean if complete and not math.isnan(mean) else math.inf
+
+    return min(baseline, key=rank) if baseline else None
+
+
 def policies_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
-    """Per workload: the best Adam lr's test metric beside every quadstep scale variant and the
-    peers, each marked where it reaches the best Adam lr, Prodigy and Schedule-Free; then the count
-    of workloads each variant reaches."""
-    variants = {c[2:]: runs[0]["label"] for c, runs in by_config(rows).items()
-                if c[0] == "quadstep_adam" and c[3].startswith("scale")}
-    peers = {"prodigy": "Prodigy", "schedulefree_adamw": "Schedule-Free AdamW"}
-    head = ["workload", "best Adam", *variants.values(), *peers.values()]
+    """Per workload: the best baseline lr's test metric beside every quadstep scale variant and the
+    rivals, each marked where it reaches the best baseline lr and each rival; then the count of
+    workloads each variant reaches."""
+    variants, rival = _variants(rows), rivals(rows)
+    head = ["workload", "best Adam", *variants.values(), *rival.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    counts = {k: [0, 0, 0] for k in variants}  # reached Adam, tied both peers, workloads run
+    counts = {k: [0, 0, 0] for k in variants}  # reached the baseline, tied every rival, workloads run
     for workload in dict.fromkeys(r["workload"] for r in rows):
-        wrows = [r for r in rows if r["workload"] == workload]
+        groups = by_config([r for r in rows if r["workload"] == workload])
         classification = _classification(meta, workload)
-        groups = by_config(wrows)
-        adam = {c: _metric(runs, classification) for c, runs in groups.items() if c[0] == "adam"}
-        if not adam:
+        best = _best_baseline(groups, classification)
+        if best is None:
             continue
-        sign = -1 if classification else 1
-        def rank(c: Config) -> float:
-            mean, _, complete = adam[c]
-            return sign * mean if complete and not math.isnan(mean) else math.inf
-
-        best = min(adam, key=rank)
-        target = adam[best]
-        peer = {c[0]: _metric(runs, classification) for c, runs in groups.items() if c[0] in peers}
-
-        def text(m: tuple[float, float, bool]) -> str:
-            if math.isnan(m[0]):
-                return "–"
-            if classification:
-                value = f"{100 * m[0]:.1f} ± {100 * m[1]:.1f} %"
-            else:
-                value = f"{m[0]:.4g} ± {m[1]:.2g}"
-            return value if m[2] else value + " (diverged)"
-
-        cells = [workload, f"lr {best[1]:g}: {text(target)}"]
+        target = _metric(groups[best], classification)
+        peer = {c[0]: _metric(runs, classification) for c, runs in groups.items() if c[0] in rival}
+        cells = [workload, f"lr {best[1]:g}: {_metric_text(target, classification)}"]
         for key in variants:
-            config = next((c for c in groups if c[0] == "quadstep_adam" and c[2:] == key), None)
+            config = _variant(groups, key)
             if config is None:
                 cells.append("–")
                 continue
             m = _metric(groups[config], classification)
-            marks = [mark for ok, mark in [(reaches(m, target, classification), "✓")] if ok]
-            ties = [name for name in peers if name in peer and reaches(m, peer[name], classification)]
-            marks += [f"≥{peers[name][0]}" for name in ties]
-            counts[key][0] += reaches(m, target, classification)
-            counts[key][1] += len(ties) == len([n for n in peers if n in peer])
+            reached = reaches(m, target, classification)
+            ties = [name for name in rival if name in peer and reaches(m, peer[name], classification)]
+            marks = ["✓"] * reached + [f"≥{rival[name][0]}" for name in ties]
+            counts[key][0] += reached
+            counts[key][1] += len(ties) == len(peer)
             counts[key][2] += 1
-            cells.append(text(m) + (" " + " ".join(marks) if marks else ""))
-        cells += [text(peer[name]) if name in peer else "–" for name in peers]
+            cells.append(_metric_text(m, classification) + (" " + " ".join(marks) if marks else ""))
+        cells += [_metric_text(peer[name], classification) if name in peer else "–" for name in rival]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| variant | reaches best Adam | beats or ties Prodigy and Schedule-Free |"]
+    lines += ["", f"| variant | reaches best Adam | beats or ties {' and '.join(rival.values())} |"]
     lines += ["| --- | --- | --- |"]
     lines += [f"| {variants[k]} | {c[0]} of {c[2]} | {c[1]} of {c[2]} |" for k, c in counts.items() if c[2]]
     return lines
 
 
-def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """summary.md: per workload, best Adam lr beside each alpha* variant and each peer (mean ± std)."""
+def _preamble(meta: dict[str, Any]) -> list[str]:
+    """The title, the run's metadata and what the columns mean."""
     versions = meta.get("versions", {})
     cfg = meta.get("config", {})
     lines = [
@@ -322,13 +381,20 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> st
         lines += [f"*Note:* {meta['note']}", ""]
     for name, info in meta.get("skipped_workloads", {}).items():
         lines += [f"**{name} skipped**: {info}", ""]
-    lines += [
+    return lines
+
+
+def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """summary.md: per workload, best Adam lr beside each alpha* variant and each peer (mean ± std)."""
+    names = list(rivals(rows).values())
+    marks = " / ".join(f"≥{name[0]}" for name in names)
+    lines = _preamble(meta) + [
         "## Step-size policies against a tuned Adam",
         "",
         "Test metric (accuracy, else test loss), mean ± std over seeds. *Best Adam*: the lr of the grid "
         "with the best mean test metric. A cell is marked ✓ when it reaches that (better, or within the "
-        "larger of the two seed stds, or for accuracy within 1 point), and ≥P / ≥S when it beats or ties "
-        "Prodigy / Schedule-Free by the same rule. Rows with a run that diverged or failed count as "
+        f"larger of the two seed stds, or for accuracy within 1 point), and {marks} when it beats or ties "
+        f"{' / '.join(names)} by the same rule. Rows with a run that diverged or failed count as "
         "not reached.",
         "",
         *policies_table(rows, meta),
@@ -341,60 +407,64 @@ def summary_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> st
         "",
     ]
     for workload in dict.fromkeys(r["workload"] for r in rows):
-        wrows = [r for r in rows if r["workload"] == workload]
         info = meta.get("workloads", {}).get(workload, {})
-        classification = info.get("loss", "cross_entropy") == "cross_entropy"
-        adam_seconds, _, _ = mean_std([r["seconds_per_step"] for r in wrows if r["optimizer"] == "adam"])
-        lines += [
-            f"## {workload}",
-            "",
-            f"{info.get('description', '')}; {info.get('steps', '?')} steps of batch "
-            f"{info.get('batch_size', '?')}, "
-            f"{info.get('n_train', '?')} train / {info.get('n_test', '?')} test examples.",
-            "",
-        ]
-        if info.get("optimum_test_loss") is not None:
-            lines += [f"Exact minimum of the test loss: {info['optimum_test_loss']:.4g}.", ""]
-        lines += _table(headline(wrows), adam_seconds, classification)
-        adam = best_lr(wrows, "adam")
-        observed = [
-            (c, runs) for c, runs in by_config(wrows).items() if c[0] == "quadstep_adam" and c[3] == "observe"
-        ]
-        notes = [f"Best Adam lr: {adam:g}." if adam else "Every Adam lr diverged."]
-        grid = sorted({c[1] for c in by_config(wrows) if c[0] == "adam"})
-        if adam and len(grid) > 1 and adam in (grid[0], grid[-1]):
-            notes[0] = f"Best Adam lr: {adam:g}, at the edge of the grid (a rate beyond it may do better)."
-        for config, runs in observed:
-            median, std, n = mean_std([r["alpha_star_median"] for r in runs])
-            if n:
-                notes.append(
-                    f"Along Adam lr={config[1]:g}, α* ({config[2]}) has median {median:.3g} ± {std:.2g} "
-                    f"({median / config[1]:.3g}× that lr"
-                    + (f", {median / adam:.3g}× the best lr)." if adam else ").")
-                )
-        groups = by_config(wrows)
-        scores = {
-            c: score(runs)
-            for c, runs in groups.items()
-            if c[0] == "quadstep_adam" and c[3].startswith("scale")
-        }
-        finite = {c: v for c, v in scores.items() if math.isfinite(v)}
-        if adam and finite:
-            best_alpha = min(finite, key=finite.__getitem__)
-            adam_score = score(groups[("adam", adam, "", "")])
-            ratio = f" ({finite[best_alpha] / adam_score:.3g}×)" if adam_score > 0 else ""
-            notes.append(
-                f"Best α* variant ({best_alpha[2]}): final training loss {finite[best_alpha]:.4g} against "
-                f"{adam_score:.4g} for Adam at its best lr{ratio}."
-            )
-        elif scores:
-            notes.append("Every α* variant diverged or failed in at least one seed.")
-        lines += ["", " ".join(notes), "", "<details><summary>All configurations</summary>", ""]
-        lines += _table(groups, adam_seconds, classification)
-        lines += ["", "</details>", ""]
-        plots = [f"{kind}_{workload}.png" for kind in ("loss", "lr_sweep", "alpha", "alpha_dist")]
-        lines += [" ".join(f"![{p}](plots/{p})" for p in plots), ""]
+        lines += _workload_section(workload, [r for r in rows if r["workload"] == workload], info)
     return "\n".join(lines)
+
+
+def _workload_section(workload: str, rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> list[str]:
+    """A workload's headline table, notes and full table; ``info``: its entry in the metadata."""
+    classification = info.get("loss", "cross_entropy") == "cross_entropy"
+    adam_seconds, _, _ = mean_std([r["seconds_per_step"] for r in rows if r["optimizer"] == BASELINE])
+    groups = by_config(rows)
+    peer = peers(groups)
+    lines = [
+        f"## {workload}",
+        "",
+        f"{info.get('description', '')}; {info.get('steps', '?')} steps of batch "
+        f"{info.get('batch_size', '?')}, "
+        f"{info.get('n_train', '?')} train / {info.get('n_test', '?')} test examples.",
+        "",
+    ]
+    if info.get("optimum_test_loss") is not None:
+        lines += [f"Exact minimum of the test loss: {info['optimum_test_loss']:.4g}.", ""]
+    lines += _table(headline(rows), peer, adam_seconds, classification)
+    lines += ["", _notes(rows), "", "<details><summary>All configurations</summary>", ""]
+    lines += _table(groups, peer, adam_seconds, classification)
+    lines += ["", "</details>", ""]
+    plots = [f"{kind}_{workload}.png" for kind in ("loss", "lr_sweep", "alpha", "alpha_dist")]
+    return lines + [" ".join(f"![{p}](plots/{p})" for p in plots), ""]
+
+
+def _notes(rows: Sequence[dict[str, Any]]) -> str:
+    """The best Adam lr, α* along each observed trajectory, and the best α* variant against Adam."""
+    groups = by_config(rows)
+    adam = best_lr(rows, BASELINE)
+    notes = [f"Best Adam lr: {adam:g}." if adam else "Every Adam lr diverged."]
+    grid = sorted({c[1] for c in groups if c[0] == BASELINE and not c[3]})
+    if adam and len(grid) > 1 and adam in (grid[0], grid[-1]):
+        notes[0] = f"Best Adam lr: {adam:g}, at the edge of the grid (a rate beyond it may do better)."
+    for config, runs in groups.items():
+        median, std, n = mean_std([r["alpha_star_median"] for r in runs])
+        if config[3] == "observe" and n:  # along the baseline's trajectory
+            notes.append(
+                f"Along Adam lr={config[1]:g}, α* ({config[2]}) has median {median:.3g} ± {std:.2g} "
+                f"({median / config[1]:.3g}× that lr"
+                + (f", {median / adam:.3g}× the best lr)." if adam else ").")
+            )
+    scores = {c: score(runs) for c, runs in groups.items() if is_scale(c)}
+    finite = {c: v for c, v in scores.items() if math.isfinite(v)}
+    if adam and finite:
+        best_alpha = min(finite, key=finite.__getitem__)
+        adam_score = score(groups[(BASELINE, adam, "", "")])
+        ratio = f" ({finite[best_alpha] / adam_score:.3g}×)" if adam_score > 0 else ""
+        notes.append(
+            f"Best α* variant ({best_alpha[2]}): final training loss {finite[best_alpha]:.4g} against "
+            f"{adam_score:.4g} for Adam at its best lr{ratio}."
+        )
+    elif scores:
+        notes.append("Every α* variant diverged or failed in at least one seed.")
+    return " ".join(notes)
 
 
 # ---------------------------------------------------------------- plots
@@ -454,31 +524,43 @@ def _alpha_star(run: dict[str, list[Any]]) -> list[float]:
     ]
 
 
-def plot_workload(
-    workload: str, rows: Sequence[dict[str, Any]], logs: dict[str, dict[str, list[Any]]], folder: Path
-) -> list[Path]:
-    """loss_, lr_sweep_, alpha_ and alpha_dist_<workload>.png; returns the paths written."""
+Logs = dict[str, dict[str, list[Any]]]  # run_id -> column -> values
+
+
+def plot_workload(workload: str, rows: Sequence[dict[str, Any]], logs: Logs, folder: Path) -> list[Path]:
+    """loss_, lr_sweep_, alpha_, policy_ and alpha_dist_<workload>.png; returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    groups = by_config(rows)
-    adam = best_lr(rows, "adam")
-    written = []
     styles = _line_styles(plt, 20)  # α* variants often coincide exactly: keep every line visible
+    plots = {
+        "loss": _loss_plot,
+        "lr_sweep": _lr_sweep_plot,
+        "alpha": _alpha_plot,
+        "policy": _policy_plot,
+        "alpha_dist": _alpha_dist_plot,
+    }
+    written = []
+    for kind, draw in plots.items():
+        fig, ax = plt.subplots(figsize=(10, 5))
+        draw(ax, workload, rows, logs, styles)
+        _legend(ax)
+        written.append(_save(fig, folder / f"{kind}_{workload}.png"))
+    return written
 
-    # 1. training loss curves of the headline configurations
-    fig, ax = plt.subplots(figsize=(10, 5))
-    shown = [
-        (c, runs) for c, runs in headline(rows).items() if c[3] != "observe"
-    ]  # observe = Adam's trajectory
+
+def _loss_plot(ax: Any, workload: str, rows: Sequence[dict[str, Any]], logs: Logs, styles: list[Any]) -> None:
+    """Training loss curves of the headline configurations (observe mode is the baseline's trajectory)."""
+    best = best_lr(rows, BASELINE)
+    shown = [(c, runs) for c, runs in headline(rows).items() if c[3] != "observe"]
     for i, (config, runs) in enumerate(shown):
         curves = [_ema(logs[r["run_id"]]["loss"]) for r in runs if r["run_id"] in logs]
         if not curves:
             continue
-        label = runs[0]["label"] + (" (best)" if config[0] == "adam" and config[1] == adam else "")
+        label = runs[0]["label"] + (" (best)" if config[0] == BASELINE and config[1] == best else "")
         ax.plot(_mean_curve(curves), lw=1.6, **styles[i % len(styles)], label=label)
     ax.set(
         yscale="log",
@@ -486,12 +568,14 @@ def plot_workload(
         ylabel="mini-batch training loss (EMA 0.95, mean over seeds)",
         title=f"{workload}: training loss",
     )
-    _legend(ax)
-    written.append(_save(fig, folder / f"loss_{workload}.png"))
 
-    # 2. final training loss against Adam's (and SGD's) lr, with alpha* and the peers as levels
-    fig, ax = plt.subplots(figsize=(10, 5))
-    for name, marker in (("adam", "o"), ("sgd", "s")):
+
+def _lr_sweep_plot(
+    ax: Any, workload: str, rows: Sequence[dict[str, Any]], logs: Logs, styles: list[Any]
+) -> None:
+    """Final training loss against each lr grid, with the scale-mode variants and the peers as levels."""
+    groups = by_config(rows)
+    for name, marker in zip(lr_grids(groups), ("o", "s", "^", "D", "v")):
         points = [
             (c[1], *mean_std([r["final_train_loss"] for r in runs if r["status"] == "ok"])[:2])
             for c, runs in groups.items()
@@ -500,15 +584,10 @@ def plot_workload(
         points = [p for p in points if math.isfinite(p[1])]
         if points:
             xs, ys, es = zip(*sorted(points), strict=True)
-            ax.errorbar(
-                xs,
-                ys,
-                yerr=es,
-                marker=marker,
-                capsize=3,
-                label=f"{'Adam' if name == 'adam' else 'SGD'}, fixed lr",
-            )
-    others = [(c, runs) for c, runs in headline(rows).items() if c[0] in PEERS or c[3].startswith("scale")]
+            label = f"{display_name(rows, name)}, fixed lr"
+            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=label)
+    peer = peers(groups)
+    others = [(c, runs) for c, runs in headline(rows).items() if c[0] in peer or is_scale(c)]
     for i, (config, runs) in enumerate(others):
         ok = [r for r in runs if r["status"] == "ok"]
         mean, _, n = mean_std([r["final_train_loss"] for r in ok])
@@ -516,7 +595,7 @@ def plot_workload(
             continue
         style = styles[(i + 2) % len(styles)]
         label = runs[0]["label"]
-        if config[3].startswith("scale"):  # a star where the median α it used sits on the lr axis
+        if is_scale(config):  # a star where the median α it used sits on the lr axis
             used, _, n_used = mean_std([r["alpha_median"] for r in ok])
             if n_used and used > 0:
                 ax.plot([used], [mean], "*", ms=11, color=style["color"])
@@ -529,60 +608,67 @@ def plot_workload(
         ylabel="final training loss (mean ± std)",
         title=f"{workload}: fixed learning rates against α* and the peers",
     )
-    _legend(ax)
-    written.append(_save(fig, folder / f"lr_sweep_{workload}.png"))
 
-    # 3. alpha* over steps against Adam's lr grid
-    quad = [(c, runs) for c, runs in groups.items() if c[0] == "quadstep_adam"]
-    lr_grid = sorted({c[1] for c in groups if c[0] == "adam"})
-    fig, ax = plt.subplots(figsize=(10, 5))
-    for i, (_, runs) in enumerate(quad):
+
+def _quadstep_runs(rows: Sequence[dict[str, Any]]) -> tuple[Runs, list[float], float | None]:
+    """The configurations that record α*, the baseline's lr grid and its best lr."""
+    groups = by_config(rows)
+    quad = {c: runs for c, runs in groups.items() if is_quadstep(c)}
+    grid = sorted({c[1] for c in groups if c[0] == BASELINE and not c[3]})
+    return quad, grid, best_lr(rows, BASELINE)
+
+
+def _alpha_plot(
+    ax: Any, workload: str, rows: Sequence[dict[str, Any]], logs: Logs, styles: list[Any]
+) -> None:
+    """α* over the steps against the baseline's lr grid."""
+    quad, grid, best = _quadstep_runs(rows)
+    for i, runs in enumerate(quad.values()):
         curves = [_alpha_star(logs[r["run_id"]]) for r in runs if r["run_id"] in logs]
         curves = [c for c in curves if any(math.isfinite(v) for v in c)]
         if curves:
             medians = _median_curve(curves)
-            ax.plot(
-                _rolling_median(medians, max(len(medians) // 50, 5)),
-                lw=1.4,
-                **styles[i % len(styles)],
-                label=runs[0]["label"],
-            )
-    _lr_grid_lines(ax, lr_grid, adam)
+            curve = _rolling_median(medians, max(len(medians) // 50, 5))
+            ax.plot(curve, lw=1.4, **styles[i % len(styles)], label=runs[0]["label"])
+    _lr_grid_lines(ax, grid, best)
     ax.set(
         yscale="log",
         xlabel="step",
         ylabel="α* (rolling median over steps, median over seeds)",
         title=f"{workload}: α* over steps against Adam's learning-rate grid",
     )
-    _legend(ax)
-    written.append(_save(fig, folder / f"alpha_{workload}.png"))
 
-    # 4. the step size each policy used (scale mode) or proposed (observe mode) against the lr grid
-    fig, ax = plt.subplots(figsize=(10, 5))
+
+def _policy_plot(
+    ax: Any, workload: str, rows: Sequence[dict[str, Any]], logs: Logs, styles: list[Any]
+) -> None:
+    """The α each policy used (scale mode) or proposed (observe mode) against the baseline's lr grid."""
+    quad, grid, best = _quadstep_runs(rows)
     k = 0
-    for config, runs in quad:
-        columns = ["alpha"] if config[3].startswith("scale") else [f"{p}.alpha" for p in POLICY_NAMES]
+    for config, runs in quad.items():
+        columns = ["alpha"] if is_scale(config) else [f"{p}.alpha" for p in POLICY_NAMES]
         for column in columns:
-            curves = [logs[r["run_id"]].get(column, []) for r in runs if r["run_id"] in logs]
-            medians = _median_curve(curves)
+            medians = _median_curve([logs[r["run_id"]].get(column, []) for r in runs if r["run_id"] in logs])
             if not any(math.isfinite(v) for v in medians):
                 continue
             label = runs[0]["label"] if column == "alpha" else f"{runs[0]['label']}: {column[:-6]} proposes"
             style = {**styles[k % len(styles)], **({} if column == "alpha" else {"ls": ":"})}
             ax.plot(_rolling_median(medians, max(len(medians) // 50, 5)), lw=1.4, **style, label=label)
             k += 1
-    _lr_grid_lines(ax, lr_grid, adam)
+    _lr_grid_lines(ax, grid, best)
     ax.set(
         yscale="log",
         xlabel="step",
         ylabel="α used / proposed (rolling median, median over seeds)",
         title=f"{workload}: each step-size policy's α against Adam's learning-rate grid",
     )
-    _legend(ax)
-    written.append(_save(fig, folder / f"policy_{workload}.png"))
 
-    # 5. distribution of alpha*
-    fig, ax = plt.subplots(figsize=(10, 5))
+
+def _alpha_dist_plot(
+    ax: Any, workload: str, rows: Sequence[dict[str, Any]], logs: Logs, styles: list[Any]
+) -> None:
+    """Histograms of log10 α* over steps and seeds, one per configuration, on shared bins."""
+    quad, grid, best = _quadstep_runs(rows)
     samples = [
         [
             math.log10(v)
@@ -591,43 +677,28 @@ def plot_workload(
             for v in _alpha_star(logs[r["run_id"]])
             if math.isfinite(v)
         ]
-        for _, runs in quad
+        for runs in quad.values()
     ]
-    pooled = [v for values in samples for v in values]
-    edges = None
+    pooled = sorted(v for values in samples for v in values)
     if pooled:  # the same bins for every variant, over the central 99% (outliers land in the end bins)
-        ordered = sorted(pooled)
-        low, high = ordered[int(0.005 * (len(ordered) - 1))], ordered[int(0.995 * (len(ordered) - 1))]
+        low, high = pooled[int(0.005 * (len(pooled) - 1))], pooled[int(0.995 * (len(pooled) - 1))]
         edges = [low + (high - low + 1e-9) * k / 60 for k in range(61)]
-    for i, ((_, runs), values) in enumerate(zip(quad, samples, strict=True)):
-        if values and edges:
-            values = [min(max(v, edges[0]), edges[-1]) for v in values]
-            ax.hist(
-                values,
-                bins=edges,
-                histtype="step",
-                density=True,
-                lw=1.4,
-                ls=styles[i % len(styles)]["ls"],
-                color=styles[i % len(styles)]["color"],
-                label=f"{runs[0]['label']} ({len(values)} steps)",
-            )
-    for lr in lr_grid:
-        best = lr == adam
-        ax.axvline(
-            math.log10(lr),
-            color="black" if best else "gray",
-            ls="-" if best else "--",
-            lw=1.6 if best else 0.6,
-        )
+        for i, (runs, values) in enumerate(zip(quad.values(), samples, strict=True)):
+            if values:
+                style = styles[i % len(styles)]
+                ax.hist(
+                    [min(max(v, edges[0]), edges[-1]) for v in values], bins=edges, histtype="step",
+                    density=True, lw=1.4, ls=style["ls"], color=style["color"],
+                    label=f"{runs[0]['label']} ({len(values)} steps)",
+                )  # fmt: skip
+    for lr in grid:
+        ax.axvline(math.log10(lr), color="black" if lr == best else "gray", ls="-" if lr == best else "--",
+                   lw=1.6 if lr == best else 0.6)  # fmt: skip
     ax.set(
         xlabel="log10 α*  (vertical lines: Adam lr grid, solid = best lr; outer 1% clipped)",
         ylabel="density",
         title=f"{workload}: distribution of α* over steps and seeds",
     )
-    _legend(ax)
-    written.append(_save(fig, folder / f"alpha_dist_{workload}.png"))
-    return written
 
 
 #: Markers for the lines of one plot, in order: with their colours, twelve lines stay apart.

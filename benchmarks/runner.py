@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.metadata
 import json
 import logging
@@ -12,14 +13,13 @@ import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from backpack import backpack, extend
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -28,7 +28,8 @@ from quadstep.records import POLICY_FIELDS
 from quadstep.stepsize import POLICIES as POLICY_NAMES
 
 from . import report
-from .submissions import DEFAULT_LR, POLICIES, Submission, observe_submissions, submissions
+from .submissions import BASELINE, DEFAULT_LR, POLICIES, Submission, observe_submissions, submissions
+from .training import fit, minibatches
 from .workloads import Data, DataUnavailable, Workload
 
 log = logging.getLogger("benchmarks")
@@ -108,13 +109,6 @@ def evaluate(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> tuple[float, 
     return total / len(y), correct / len(y)
 
 
-def _set_mode(optimizer: torch.optim.Optimizer, train: bool) -> None:
-    """Schedule-Free keeps two points: ``train()`` before steps, ``eval()`` before evaluating."""
-    method = getattr(optimizer, "train" if train else "eval", None)
-    if callable(method):
-        method()
-
-
 def train_run(workload: Workload, data: Data, sub: Submission, seed: int, steps: int) -> RunResult:
     """Train a fresh model (seeded with ``seed``) for ``steps`` steps of ``sub``; evaluate it.
 
@@ -123,43 +117,13 @@ def train_run(workload: Workload, data: Data, sub: Submission, seed: int, steps:
     row = _identity(workload, sub, seed)
     run_id = row["run_id"]
     torch.manual_seed(seed)
-    model = workload.make_model()
-    loss_fn = make_loss(workload.loss)
-    if sub.backpack:
-        model = extend(model, use_converter=not isinstance(model, nn.Sequential))
-        loss_fn = extend(loss_fn)
-    optimizer = sub.build([p for p in model.parameters() if p.requires_grad], model, loss_fn)
+    trainer = sub.init(workload.make_model(), make_loss(workload.loss))
+    model = trainer.model
     x_eval, y_eval = data.x_train[:TRAIN_EVAL_SIZE], data.y_train[:TRAIN_EVAL_SIZE]
     initial, _ = evaluate(model, workload.loss, x_eval, y_eval)
-
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data.x_train)
-    batch = min(workload.batch_size, n)
-    order, pos = torch.empty(0, dtype=torch.int64), n
-    losses: list[float] = []
-    status = "ok"
-    _set_mode(optimizer, train=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        idx = order[pos : pos + batch]
-        pos += batch
-        optimizer.zero_grad()
-        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-        if sub.backpack:
-            with backpack(optimizer.extension()):
-                loss.backward()
-        else:
-            loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            status = "diverged"
-            break
-    elapsed = time.perf_counter() - start
-    _set_mode(optimizer, train=False)
-
+    batches = minibatches(data.x_train, data.y_train, workload.batch_size, seed)
+    losses, elapsed = fit(trainer, batches, steps)
+    status = "ok" if not losses or math.isfinite(losses[-1]) else "diverged"
     final, _ = evaluate(model, workload.loss, x_eval, y_eval)
     test_loss, accuracy = evaluate(model, workload.loss, data.x_test, data.y_test)
     if not math.isfinite(final) or final > DIVERGENCE_FACTOR * initial:
@@ -175,7 +139,7 @@ def train_run(workload: Workload, data: Data, sub: Submission, seed: int, steps:
     )
 
     log_rows = [{"run_id": run_id, "step": i + 1, "loss": value} for i, value in enumerate(losses)]
-    history = getattr(optimizer, "history", None)
+    history = getattr(trainer.optimizer, "history", None)
     if history is not None:
         columns = history.columns()
         for i, log_row in enumerate(log_rows[: len(history)]):
@@ -263,8 +227,7 @@ def run(
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     meta = metadata(size=size, seeds=seeds, steps=steps, optimizers=optimizers, curvatures=curvatures)
     results = _CsvSink(out / "results.csv", RESULT_COLUMNS)
     rows: list[dict[str, Any]] = []
@@ -274,8 +237,7 @@ def run(
         meta["wall_seconds"] = round(time.perf_counter() - started, 1)
         (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    def keep(subs: list[Submission]) -> list[Submission]:
-        return [s for s in subs if optimizers is None or s.optimizer in optimizers]
+    keep = functools.partial(_keep, optimizers=optimizers)
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen layer of `quadratic`
     planned = {w.name: _planned_runs(w, curvatures, keep) * len(seeds) for w in workloads}
@@ -292,38 +254,74 @@ def run(
                 bar.update(planned[workload.name])
                 continue
             n_steps = steps if steps is not None else workload.steps[size]
-            meta["workloads"][workload.name] = {
-                "description": workload.description,
-                "loss": workload.loss,
-                "batch_size": workload.batch_size,
-                "steps": n_steps,
-                "n_train": len(data.x_train),
-                "n_test": len(data.x_test),
-                "optimum_test_loss": workload.optimum(data) if workload.optimum else None,
-            }
-            logs = _CsvSink(out / "logs" / f"{workload.name}.csv", LOG_COLUMNS)
-            plan = keep(submissions(workload.backpack, curvatures=curvatures, policies=policies or POLICIES))
-            for stage in ("grid", "observe-best"):
-                if stage == "observe-best":
-                    # alpha* along the best fixed-lr Adam trajectory too, where that is not the default lr
-                    best = report.best_lr([r for r in rows if r["workload"] == workload.name], "adam")
-                    plan = []
-                    if best is not None and best != DEFAULT_LR:
-                        plan = keep(observe_submissions(workload.backpack, [best], curvatures))
-                for sub in plan:
-                    for seed in seeds:
-                        bar.set_postfix_str(f"{workload.name}: {sub.label}, seed {seed}")
-                        result = safe_run(workload, data, sub, seed, n_steps)
-                        results.write([result.row])
-                        logs.write(result.log)
-                        rows.append(result.row)
-                        bar.update()
+            meta["workloads"][workload.name] = _workload_info(workload, data, n_steps)
+            plan = _plan(workload, seeds, rows, keep, curvatures, policies or POLICIES)
+            logs = out / "logs" / f"{workload.name}.csv"
+            _run_workload(workload, data, n_steps, plan, results, logs, rows, bar)
             bar.update(done + planned[workload.name] - bar.n)  # an observe-best stage not needed
-            logs.close()
             write_metadata()
     results.close()
     write_metadata()
     return rows
+
+
+def _run_workload(
+    workload: Workload,
+    data: Data,
+    steps: int,
+    plan: Iterable[tuple[Submission, int]],
+    results: _CsvSink,
+    logs: Path,
+    rows: list[dict[str, Any]],
+    bar: Any,
+) -> None:
+    """Run each (submission, seed) of ``plan``: its row to ``results`` and ``rows``, its steps to ``logs``."""
+    sink = _CsvSink(logs, LOG_COLUMNS)
+    for sub, seed in plan:
+        bar.set_postfix_str(f"{workload.name}: {sub.label}, seed {seed}")
+        result = safe_run(workload, data, sub, seed, steps)
+        results.write([result.row])
+        sink.write(result.log)
+        rows.append(result.row)
+        bar.update()
+    sink.close()
+
+
+def _keep(subs: list[Submission], optimizers: Sequence[str] | None) -> list[Submission]:
+    """The submissions of ``subs`` with these ``optimizer`` names (all when None)."""
+    return [s for s in subs if optimizers is None or s.optimizer in optimizers]
+
+
+def _workload_info(workload: Workload, data: Data, steps: int) -> dict[str, Any]:
+    """The workload's entry in metadata.json."""
+    return {
+        "description": workload.description,
+        "loss": workload.loss,
+        "batch_size": workload.batch_size,
+        "steps": steps,
+        "n_train": len(data.x_train),
+        "n_test": len(data.x_test),
+        "optimum_test_loss": workload.optimum(data) if workload.optimum else None,
+    }
+
+
+def _plan(
+    workload: Workload,
+    seeds: Sequence[int],
+    rows: list[dict[str, Any]],
+    keep: Callable[[list[Submission]], list[Submission]],
+    curvatures: Sequence[str] | None,
+    policies: Sequence[tuple[str, int]],
+) -> Iterator[tuple[Submission, int]]:
+    """The (submission, seed) runs of ``workload``: its grid, then alpha* along the best fixed-lr
+    Adam trajectory where that is not the default lr, chosen from ``rows`` once the grid has run
+    (the caller appends each run's row before asking for the next)."""
+    grid = keep(submissions(workload.backpack, curvatures=curvatures, policies=policies))
+    yield from ((sub, seed) for sub in grid for seed in seeds)
+    best = report.best_lr([r for r in rows if r["workload"] == workload.name], BASELINE)
+    if best is not None and best != DEFAULT_LR:
+        observe = keep(observe_submissions(workload.backpack, [best], curvatures))
+        yield from ((sub, seed) for sub in observe for seed in seeds)
 
 
 def _planned_runs(

@@ -18,9 +18,9 @@ import torch
 
 import quadstep
 from benchmarks import data as idx
-from benchmarks import overhead, report, runner
+from benchmarks import overhead, report, runner, training
 from benchmarks.__main__ import main
-from benchmarks.submissions import ADAM_LRS, Submission, submissions
+from benchmarks.submissions import ADAM_LRS, PEER_LRS, Submission, submissions
 from benchmarks.workloads import DataUnavailable, all_workloads
 
 WORKLOADS = all_workloads()
@@ -302,6 +302,50 @@ def test_best_lr_ignores_diverged_configs() -> None:
     assert report.mean_std([1.0, 3.0, None, math.nan]) == (2.0, math.sqrt(2.0), 2)
 
 
+def test_reference_summary_regenerates_from_its_files() -> None:
+    """The committed reference summary.md is what the report makes of its results.csv and metadata.json."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "reference"
+    rows = report.read_results(folder / "results.csv")
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert report.summary_markdown(rows, meta) == (folder / "summary.md").read_text()
+
+
+def test_report_labels_come_from_the_data() -> None:
+    """A peer and an lr grid the report has never heard of get their rows and columns, by their labels."""
+
+    def row(optimizer: str, label: str, lr: float, mode: str = "", loss: float = 0.5) -> dict:
+        return {
+            "workload": "w", "optimizer": optimizer, "label": label, "lr": lr, "mode": mode,
+            "curvature": "ggn" if mode else "", "step_size": "", "every": 1, "status": "ok",
+            "final_train_loss": loss, "test_loss": loss, "test_accuracy": 0.9, "seconds_per_step": 0.01,
+            "alpha_star_median": 0.01, "alpha_median": 0.01, "alpha_star_defined": 1.0, "run_id": label,
+        }  # fmt: skip
+
+    rows = [
+        row("adam", "Adam lr=0.001", 1e-3), row("adam", "Adam lr=0.01", 1e-2, loss=0.4),
+        row("lion", "Lion lr=0.0001", 1e-4), row("lion", "Lion lr=0.001", 1e-3, loss=0.6),
+        row("muon", "Muon", 0.02), row("quadstep_adam", "α* scale ggn", 1e-3, "scale"),
+    ]  # fmt: skip
+    head = report.overview(rows, {})[0]
+    assert head == "| workload | Adam, best lr | α* scale ggn | Muon | Lion, best lr |"
+    assert [(c[0], c[1]) for c in report.headline(rows)] == [
+        ("adam", 1e-3), ("adam", 1e-2), ("quadstep_adam", 1e-3), ("muon", 0.02), ("lion", 1e-4)
+    ]  # fmt: skip
+    assert "| Muon | lr 0.02 (default) |" in report.summary_markdown(rows, {})
+
+
+def test_the_submission_owns_schedule_free_modes() -> None:
+    """Schedule-Free steps in its training mode; the loop leaves it in its evaluation mode."""
+    workload = WORKLOADS["regression"]
+    data = workload.load_data(0, "tiny")
+    trainer = Submission("schedulefree_adamw", 0.0025).init(workload.make_model(), torch.nn.MSELoss())
+    batches = training.minibatches(data.x_train, data.y_train, workload.batch_size, seed=0)
+    modes = [trainer.optimizer.param_groups[0]["train_mode"] for _ in training.train(trainer, batches, 2)]
+    losses, _ = training.fit(trainer, batches, 2)
+    assert modes == [True, True] and len(losses) == 2
+    assert not trainer.optimizer.param_groups[0]["train_mode"]
+
+
 # ---------------------------------------------------------------- probe subcommand
 
 
@@ -414,7 +458,7 @@ def test_plots_keep_twelve_identical_curves_apart(tmp_path: Path, monkeypatch: p
     """Twelve configurations with the very same curves: every line gets its own colour and marker."""
     pytest.importorskip("matplotlib")
     configs = [("adam", 1e-3, "", ""), ("adam", 1e-2, "", ""), ("sgd", 0.1, "", "")]
-    configs += [(peer, 1.0, "", "") for peer in report.PEERS]
+    configs += [(peer, 1.0, "", "") for peer in PEER_LRS]
     configs += [("quadstep_adam", 1e-3, c, "scale") for c in quadstep.CURVATURES]
     rows, logs = [], {}
     for i, (name, lr, curvature, mode) in enumerate(configs):
