@@ -77,6 +77,23 @@ def sgd(
 DIRECTIONS: dict[str, Callable[..., Params]] = {"adam": adam, "sgd": sgd}
 
 
+def noise(direction: str, s: dict[str, Any], t: int, g: Params, samples: list[Params], **kw: Any) -> Tensor:
+    r""":math:`\nu = \sum_i W_i \frac{N S_i - g_i^2}{N - 1}`, :math:`S = \sum_n b_n^2` over the per-sample
+    gradients (:math:`\sum_n b_n = g`), :math:`W` the weight of g in d: Adam
+    :math:`\frac{1-\beta_1}{1-\beta_1^t} / (\sqrt{\hat v_t/(1-\beta_2^t)} + \epsilon)`; SGD 1 at t = 1 or
+    without momentum, else :math:`1-\tau`, and :math:`1 + \mu w` with Nesterov."""
+    n = len(samples)
+    var = {k: (n * sum(b[k] ** 2 for b in samples) - g[k] ** 2) / (n - 1) for k in g}
+    if direction == "adam":
+        (b1, b2), eps = kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-8)
+        v = s["vmax"] if kw.get("amsgrad") else s["v"]
+        w = {k: (1 - b1) / (1 - b1**t) / ((v[k] / (1 - b2**t)).sqrt() + eps) for k in g}
+        return _dot(w, var)
+    mu, tau = kw.get("momentum", 0.0), kw.get("dampening", 0.0)
+    w0 = 1.0 if mu == 0 or t == 1 else 1 - tau
+    return (1 + mu * w0 if kw.get("nesterov") else w0) * torch.stack([v.sum() for v in var.values()]).sum()
+
+
 def reference_run(
     f: Callable[[Params, Tensor], Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor], params: Params,
     batches: Iterable[tuple[Tensor, Tensor]], *, direction: str = "adam", curvature: str = "hessian",
@@ -91,13 +108,14 @@ def reference_run(
     nan = torch.tensor(math.nan, dtype=torch.float64)
     state: dict[str, Any] = {}
     alpha, num, den, prev_d, prev_alpha, out = nan, 0.0, 0.0, None, math.nan, []
+    sign = -1 if maximize else 1
     for t, (x, y) in enumerate(batches, 1):
-        fx, ell = (lambda th, x=x: f(th, x)), (lambda z, y=y: (-1 if maximize else 1) * loss_fn(z, y))
+        fx, ell = (lambda th, x=x: f(th, x)), (lambda z, y=y: sign * loss_fn(z, y))
         g = grad(lambda th, fx=fx, ell=ell: ell(fx(th)))(theta)
         wd = {} if direction == "adam" else {"weight_decay": weight_decay}  # Adam's is decoupled: below
         d = DIRECTIONS[direction](state, g, theta, **wd, **kw)
         measures, dg = (t - 1) % every == 0, _dot(d, g)
-        current = measures and (mode == "observe" or policy == "greedy")
+        current = measures and (mode == "observe" or policy in ("greedy", "corrected"))
         lagged = measures and prev_d is not None and (mode == "observe" or policy == "lagged")
         c = curvature_matrix(curvature, fx, ell, theta) if current or lagged else None
         dcd = _flat(d) @ c @ _flat(d) if current else nan
@@ -110,6 +128,14 @@ def reference_run(
         elif policy == "lagged" and lagged:  # clip(EMA(α_{t-1} q - s) / EMA(q)) where EMA(q) > 0
             if (prev_alpha * q - slope).isfinite() and q.isfinite():
                 num, den = beta * num + (1 - beta) * (prev_alpha * q - slope), beta * den + (1 - beta) * q
+            proposal = alpha = (num / den).clamp(alpha_min, alpha_max) if den > 0 else alpha
+        elif policy == "corrected" and current:  # clip(EMA(-dᵀg - ν) / EMA(dᵀCd)) where EMA(dᵀCd) > 0
+            samples = [
+                grad(lambda th, i=i: sign * loss_fn(f(th, x[i : i + 1]), y[i : i + 1]) / len(x))(theta)
+                for i in range(len(x))
+            ]
+            nu = noise(direction, state, t, g, samples, **kw)
+            num, den = beta * num + (1 - beta) * (-dg - nu), beta * den + (1 - beta) * dcd
             proposal = alpha = (num / den).clamp(alpha_min, alpha_max) if den > 0 else alpha
         else:
             proposal = alpha  # not measured: the last alpha, NaN before the first

@@ -215,7 +215,45 @@ class Greedy(StepSizePolicy):
         return Proposal(rule.alpha, -m.dg, m.dcd, rule.status), {"alpha": kept}
 
 
-class Lagged(StepSizePolicy):
+class _Averaged(StepSizePolicy):
+    """A ratio of exponential moving averages, :math:`\alpha = \mathrm{EMA}_\beta(n)/\mathrm{EMA}_\beta(q)`,
+    clipped: the state and the arithmetic :class:`Lagged` and :class:`Corrected` share."""
+
+    def __init__(self, beta: float = 0.99, alpha_min: float = 0.0, alpha_max: float = 0.1) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta: {beta} (must be in [0, 1))")
+        super().__init__(alpha_min, alpha_max)
+        self.beta = float(beta)
+
+    def initial_state(self, like: Tensor) -> PolicyState:
+        zero = torch.zeros_like(like)
+        return {"alpha": torch.full_like(like, math.nan), "numerator": zero, "denominator": zero.clone()}
+
+    def _ratio(
+        self, num: Tensor, den: Tensor, ok: Tensor, state: PolicyState
+    ) -> tuple[Proposal, PolicyState]:
+        """The clipped ratio of the averages, its status, and the new state (the last alpha kept while
+        the ratio is undefined)."""
+        raw = num / den
+        defined = (den > 0) & torch.isfinite(raw)
+        alpha = torch.where(defined, raw.clamp(self.alpha_min, self.alpha_max), state["alpha"])
+        code = torch.where(
+            ~ok,
+            STATUS_CODE["non-finite-curvature"],
+            torch.where(
+                ~defined,
+                STATUS_CODE["non-positive-curvature"],
+                torch.where(
+                    raw > self.alpha_max,
+                    STATUS_CODE["clipped-max"],
+                    torch.where(raw < self.alpha_min, STATUS_CODE["clipped-min"], STATUS_CODE["ok"]),
+                ),
+            ),
+        )
+        return Proposal(alpha, num, den, code), {"alpha": alpha, "numerator": num, "denominator": den}
+
+
+class Lagged(_Averaged):
     r"""The lagged line-search test: the minimiser, along the previous direction, of the *next*
     batch's quadratic model, averaged over steps.
 
@@ -245,16 +283,6 @@ class Lagged(StepSizePolicy):
     current = False
     lagged = True
 
-    def __init__(self, beta: float = 0.99, alpha_min: float = 0.0, alpha_max: float = 0.1) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta: {beta} (must be in [0, 1))")
-        super().__init__(alpha_min, alpha_max)
-        self.beta = float(beta)
-
-    def initial_state(self, like: Tensor) -> PolicyState:
-        zero = torch.zeros_like(like)
-        return {"alpha": torch.full_like(like, math.nan), "numerator": zero, "denominator": zero.clone()}
-
     def propose(self, m: Measurement, state: PolicyState) -> tuple[Proposal, PolicyState]:
         if not m.lagged:
             return self._kept(state), state
@@ -265,31 +293,7 @@ class Lagged(StepSizePolicy):
         den = torch.where(ok, den * self.beta + m.lagged_dcd * (1 - self.beta), den)
         return self._ratio(num, den, ok, state)
 
-    def _ratio(
-        self, num: Tensor, den: Tensor, ok: Tensor, state: PolicyState
-    ) -> tuple[Proposal, PolicyState]:
-        """The clipped ratio of the averages, its status, and the new state (the last alpha kept while
-        the ratio is undefined)."""
-        raw = num / den
-        defined = (den > 0) & torch.isfinite(raw)
-        alpha = torch.where(defined, raw.clamp(self.alpha_min, self.alpha_max), state["alpha"])
-        code = torch.where(
-            ~ok,
-            STATUS_CODE["non-finite-curvature"],
-            torch.where(
-                ~defined,
-                STATUS_CODE["non-positive-curvature"],
-                torch.where(
-                    raw > self.alpha_max,
-                    STATUS_CODE["clipped-max"],
-                    torch.where(raw < self.alpha_min, STATUS_CODE["clipped-min"], STATUS_CODE["ok"]),
-                ),
-            ),
-        )
-        return Proposal(alpha, num, den, code), {"alpha": alpha, "numerator": num, "denominator": den}
-
-
-class Corrected(Lagged):
+class Corrected(_Averaged):
     r"""The current batch's minimiser along the current direction, with the batch noise removed from
     its numerator, averaged over steps.
 

@@ -65,10 +65,15 @@ def cases() -> list[Any]:
         ):
             loss = ("ce", "mse")[(i + j) % 2]
             out.append(Case(curvature, mode, policy, dtype, optimizer, loss))
+    for (i, curvature), mode, dtype, (j, optimizer) in itertools.product(
+        enumerate(("hessian", "ggn")), ("scale", "observe"), (torch.float64, torch.float32), enumerate(OPTIMIZERS)
+    ):
+        out.append(Case(curvature, mode, "corrected", dtype, optimizer, ("ce", "mse")[(i + j) % 2]))
     every = itertools.product(("hessian", "ggn-exact"), ("scale", "observe"), ("greedy", "lagged"))
     for curvature, mode, policy in every:
         out.append(Case(curvature, mode, policy, torch.float64, "adam", "ce", every=3))
-    for (name, (optimizer, extra)), policy in itertools.product(VARIANTS.items(), ("greedy", "lagged")):
+    out.append(Case("hessian", "scale", "corrected", torch.float64, "adam", "ce", every=3))
+    for (name, (optimizer, extra)), policy in itertools.product(VARIANTS.items(), ("greedy", "lagged", "corrected")):
         extras = tuple(extra.items())
         out.append(Case("hessian", "scale", policy, torch.float64, optimizer, "mse", extra=extras))
     return [pytest.param(c, id=case_id(c)) for c in out]
