@@ -63,7 +63,7 @@ ABLATIONS: dict[str, Callable[[], StepSizePolicy]] = {
 }
 
 #: quadstep's step-size policies in scale mode: (policy, every), with every curvature.
-POLICIES = (("greedy", 1), ("lagged", 1), ("lagged", 10))
+POLICIES = (("greedy", 1), ("lagged", 1), ("lagged", 10), ("corrected", 1), ("corrected", 10))
 #: The defaults of the peers, as their packages ship them.
 PEER_LRS = {"prodigy": 1.0, "dadapt_adam": 1.0, "schedulefree_adamw": 0.0025}
 
@@ -291,8 +291,16 @@ def submissions(
         for curvature in quadstep.CURVATURES
         if (backpack_ok or curvature not in BACKPACK_CURVATURES)
         and (curvatures is None or curvature in curvatures)
+        and (curvature in BACKPACK_CURVATURES or not needs_per_sample(policy))
     ]
     return subs
+
+
+def needs_per_sample(policy: str) -> bool:
+    """Whether the step-size policy called ``policy`` needs per-sample gradient statistics, which only
+    BackPACK's curvatures give."""
+    cls = ABLATIONS[policy]() if policy in ABLATIONS else quadstep.stepsize.POLICIES[policy]
+    return bool(cls.noise)
 
 
 def observe_submissions(

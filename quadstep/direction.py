@@ -121,37 +121,36 @@ def _adam_tensor_ops(
     return directions
 
 
-def adam_gain(group: dict[str, Any], states: list[dict[str, Any]]) -> list[Tensor]:
+def adam_gain(group: dict[str, Any], states: list[dict[str, Any]]) -> list[tuple[Tensor, Tensor | None]]:
     r"""The weight :math:`W = -\partial d/\partial g` with which the current gradient entered
-    :func:`adam`'s direction (at fixed :math:`\hat v`), per parameter, read after the step's update:
+    :func:`adam`'s direction (at fixed :math:`\hat v`), per parameter, read after the step's update,
+    as a scale and a denominator, :math:`W = c_t / r`:
 
     .. math::
-        W = \frac{1-\beta_1}{1-\beta_1^t}\,\frac{1}{\sqrt{\hat v_t/(1-\beta_2^t)} + \epsilon}.
+        c_t = \frac{1-\beta_1}{1-\beta_1^t}, \qquad r = \sqrt{\hat v_t/(1-\beta_2^t)} + \epsilon.
     """
     beta1, beta2 = group["betas"]
     gains = []
     for state in states:
         t = state["step"].double().clamp(min=1)
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        scale = (1 - beta1) / (1 - torch.pow(beta1, t))
         root = torch.div(v, (1 - torch.pow(beta2, t)).to(v.dtype)).sqrt_().add_(group["eps"])
-        gains.append(root.reciprocal_().mul_(scale.to(v.dtype)))
+        gains.append(((1 - beta1) / (1 - torch.pow(beta1, t)), root))
     return gains
 
 
-def sgd_gain(group: dict[str, Any], states: list[dict[str, Any]]) -> list[Tensor]:
+def sgd_gain(group: dict[str, Any], states: list[dict[str, Any]]) -> list[tuple[Tensor, Tensor | None]]:
     r"""The weight :math:`w = -\partial d/\partial g` with which the current gradient entered
-    :func:`sgd`'s direction, per parameter (0-dim): 1 without momentum or on the first step,
-    :math:`1-\tau` after it, plus :math:`\mu` times that with Nesterov."""
+    :func:`sgd`'s direction, per parameter (a scale, no denominator): 1 without momentum or on the first
+    step, :math:`1-\tau` after it, plus :math:`\mu` times that with Nesterov."""
     momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
     gains = []
     for state in states:
         if momentum == 0:
-            gains.append(torch.ones((), dtype=torch.float64))
+            gains.append((torch.ones((), dtype=torch.float64), None))
             continue
-        step = state["step"]
-        weight = torch.where(step <= 1, 1.0, 1.0 - dampening).double()
-        gains.append(1 + momentum * weight if nesterov else weight)
+        weight = torch.where(state["step"] <= 1, 1.0, 1.0 - dampening).double()
+        gains.append((1 + momentum * weight if nesterov else weight, None))
     return gains
 
 

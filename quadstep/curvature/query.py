@@ -46,29 +46,32 @@ def local_forms(
 
 def noise_terms(
     curvature: Curvature,
-    gain: Callable[[dict[str, Any], list[dict[str, Any]]], list[Tensor]],
+    gain: Callable[[dict[str, Any], list[dict[str, Any]]], list[tuple[Tensor, Tensor | None]]],
     groups: Groups,
     state: dict[Tensor, dict[str, Any]],
 ) -> Tensor:
-    r"""This rank's :math:`x = \sum_p \langle W_p, S_p\rangle`, :math:`y = \sum_p \langle W_p, g_p^2\rangle`
-    and :math:`N`: :math:`W` the current gradient's weight in d (``gain``), :math:`S` the sum of squared
-    per-sample gradients. Over :math:`R` ranks of :math:`N` samples each, the batch noise in
-    :math:`-d^\top g` is :math:`\nu = (N \bar x - y)/(RN - 1)` (:func:`batch_noise`)."""
+    r"""This rank's :math:`x = \sum_p \langle W_p, N S_p - g_p^2\rangle` and :math:`N`: :math:`W = c/r` the
+    current gradient's weight in d (``gain``: its scale and denominator), :math:`S` the sum of squared
+    per-sample gradients, :math:`N` the batch size. Over :math:`R` ranks of :math:`N` samples each the
+    batch noise in :math:`-d^\top g` is :math:`\nu = \bar x/(RN - 1)` (:func:`batch_noise`)."""
     params = [p for _, ps in groups for p in ps]
     squares, batch = curvature.second_moments(params)
     gains = [w for group, ps in groups for w in gain(group, [state[p] for p in ps])]
-    device = params[0].device
-    x = stack_on([(w * s).sum() for w, s in zip(gains, squares)], device).sum()
-    y = stack_on([(w * p.grad * p.grad).sum() for w, p in zip(gains, params)], device).sum()
-    return torch.stack([x, y, torch.full_like(x, batch)])
+    terms = []
+    for (scale, root), s, p in zip(gains, squares, params):
+        z = torch.addcmul(s, p.grad, p.grad, value=-1.0 / batch)  # S - g²/N: N·S - g² over N
+        terms.append(scale * (z.div_(root) if root is not None else z).sum())
+    x = stack_on(terms, params[0].device).sum() * batch
+    return torch.stack([x, torch.full_like(x, batch)])
 
 
 def batch_noise(terms: Tensor) -> Tensor:
-    r""":math:`\nu = \mathrm{tr}(W \widehat{\mathrm{Var}}(g)) = (N \bar x - y)/(RN - 1)` from the averaged
+    r""":math:`\nu = \mathrm{tr}(W \widehat{\mathrm{Var}}(g)) = \bar x/(RN - 1)` from the averaged
     :func:`noise_terms`: the global batch's per-sample terms are :math:`b_n/R`, their squares sum to
-    :math:`\bar S/R`, and :math:`\widehat{\mathrm{Var}}(g) = (M S - g^2)/(M - 1)` with :math:`M = RN`."""
-    x, y, batch = terms.unbind()
-    return (batch * x - y) / (batch * world_size() - 1)
+    :math:`\bar S/R`, and :math:`\widehat{\mathrm{Var}}(g) = (M S - g^2)/(M - 1)` with :math:`M = RN`, so
+    :math:`(M S_{\text{global}} - g^2) = \overline{N S_r - g^2}` (g is the same on every rank)."""
+    x, batch = terms.unbind()
+    return x / (batch * world_size() - 1)
 
 
 def world_size() -> int:
