@@ -238,8 +238,10 @@ def test_cli_writes_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert set(runner.LOG_COLUMNS) == set(log[0])
         quad = [r for r in log if "quadstep" in r["run_id"]]
         assert quad and all(math.isfinite(float(r[k])) for r in quad for k in ("loss", "alpha", "dg"))
-        greedy = [r for r in quad if "_lagged" not in r["run_id"] and "_scale_" in r["run_id"] or "_observe_" in r["run_id"]]
-        assert greedy and all(math.isfinite(float(r["dHd"])) for r in greedy)
+        # every step queries d_t: greedy and corrected every step, and observe mode
+        current = [r for r in quad if r["run_id"].endswith(("_greedy__s0", "_greedy__s1", "_corrected__s0",
+                                                               "_corrected__s1")) or "_observe_" in r["run_id"]]
+        assert current and all(math.isfinite(float(r["dHd"])) for r in current)
         lagged = [r for r in quad if r["run_id"].endswith(("_lagged__s0", "_lagged__s1")) and int(r["step"]) > 1]
         assert lagged and all(math.isfinite(float(r["lagged_dHd"])) for r in lagged)
 
