@@ -108,6 +108,7 @@ class QuadraticLineSearch(Optimizer):
         self._previous_alpha: Tensor | None = None
         self._previous: dict[Tensor, Tensor] = {}  # d_{t-1} per parameter, kept when step t measures
         self._steps = 0
+        self._curvature.prepare(self._checks(1))
 
     @property
     def alpha_min(self) -> float:
@@ -199,6 +200,7 @@ class QuadraticLineSearch(Optimizer):
         finally:
             self._curvature.release(params)
         self._commit(t, params, ds, policy_states, alphas, record)
+        self._curvature.prepare(self._checks(t + 1))
         return loss
 
     def _evaluate(self, closure: Callable[[], Tensor] | None, t: int) -> Tensor | None:
@@ -497,8 +499,12 @@ class QuadraticLineSearch(Optimizer):
         for p, state in self.state.items():  # torch.optim leaves "step" on the CPU unless fused/capturable
             if isinstance(state.get("step"), Tensor):
                 state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-        if extra is None:
-            return
+        if extra is not None:
+            self._load_extra(extra)
+        self._curvature.prepare(self._checks(self._steps + 1))
+
+    def _load_extra(self, extra: dict[str, Any]) -> None:
+        """The state of :meth:`state_dict`'s ``"quadstep"`` entry."""
         self._steps = extra["steps"]
         params = [p for g in self.param_groups for p in g["params"]]
         p = params[0]

@@ -15,6 +15,7 @@ from .._common import dot
 from . import stored
 from .extensions import Idle, TracedGGNMP, TracedHMP, TracedPCHMP
 from .products import ParamProduct
+from .suspension import HookSwitch
 from .sweep import sweep
 
 
@@ -29,7 +30,9 @@ class BackpackCurvature:
             extension's own, ``hmp``, ``ggnmp`` or ``pchmp``).
         model: the extended model (optional): lets the backward free each activation
             BackPACK keeps as soon as no product needs more than a mask, indices or a shape
-            of it (see :mod:`.compaction`), which lowers the peak memory of conv nets.
+            of it (see :mod:`.compaction`), which lowers the peak memory of conv nets, and
+            :meth:`prepare` take BackPACK's hooks off it between measuring steps
+            (see :mod:`.suspension`).
         moments: also compute BackPACK's ``SumGradSquared`` in the same backward, for
             :meth:`second_moments`.
     """
@@ -61,13 +64,26 @@ class BackpackCurvature:
         self._accumulation = Accumulation()
         for p in [] if model is None else model.parameters():
             self._accumulation.watch(p)
+        self._switch = None if model is None else HookSwitch(self._modules or [])
+
+    def prepare(self, measure: bool) -> None:
+        """Get the model ready for the next forward: BackPACK's hooks on it are needed only when the
+        next step queries the curvature, ``measure``; off otherwise (:mod:`.suspension`). A no-op
+        without ``model``."""
+        if self._switch is not None:
+            self._switch.set(measure)
 
     def extension(self, measure: bool = True) -> bp.BackpropExtension:
         """The BackPACK extension to run ``loss.backward()`` under (one that does nothing when
         ``measure`` is False: a step that does not query the curvature)."""
         if not measure:
-            return Idle()
+            idle = Idle()
+            idle.switch = self._switch
+            return idle
+        if self._switch is not None:
+            self._switch.set(True)  # in case the forward is yet to come
         ext = self._cls(savefield=self.savefield, **self._kwargs)
+        ext.switch = self._switch
         ext.touched = self._touched
         ext.modules = self._modules
         ext.watch = self._accumulation.watch
