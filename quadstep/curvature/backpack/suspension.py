@@ -42,7 +42,9 @@ class HookSwitch:
     _claims: ClassVar[weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[HookSwitch]]] = (
         weakref.WeakKeyDictionary()
     )
-    _taken: ClassVar[weakref.WeakKeyDictionary[nn.Module, torch_internals.Taken]] = weakref.WeakKeyDictionary()
+    _taken: ClassVar[weakref.WeakKeyDictionary[nn.Module, torch_internals.Taken]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         self.on = True
