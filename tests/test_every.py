@@ -234,3 +234,18 @@ def test_exact_recorder_hooks_are_off_between_measuring_steps() -> None:
     for t, (x, y) in enumerate(batches(7), start=1):
         assert tables() == (on if (t - 1) % 3 == 0 else [set()] * len(on)), t
         train_step(opt, model, loss_fn, x, y)
+
+
+def test_a_gradient_summed_across_the_gap_is_still_refused_on_the_measuring_step() -> None:
+    model, loss_fn = setup("hessian")
+    opt = make_opt("hessian", model, loss_fn, every=3, step_size="greedy")
+    data = batches(4)
+    for x, y in data[:3]:
+        train_step(opt, model, loss_fn, x, y)
+    x, y = data[3]
+    with backpack(opt.extension()):  # no zero_grad: adds to step 3's gradient
+        loss_fn(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="sums several backward"):
+        opt.step()
+    train_step(opt, model, loss_fn, x, y)
+    assert opt.history[-1].measured

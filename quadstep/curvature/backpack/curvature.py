@@ -68,10 +68,11 @@ class BackpackCurvature:
 
     def prepare(self, measure: bool) -> None:
         """Get the model ready for the next forward: BackPACK's hooks on it are needed only when the
-        next step queries the curvature, ``measure``; off otherwise (:mod:`.suspension`). A no-op
-        without ``model``."""
+        next step queries the curvature, ``measure``; off otherwise (:mod:`.suspension`), and so are
+        the hooks that tell a summed gradient (:class:`Accumulation`). A no-op without ``model``."""
         if self._switch is not None:
             self._switch.set(measure)
+            self._accumulation.suspend(not measure)
 
     def extension(self, measure: bool = True) -> bp.BackpropExtension:
         """The BackPACK extension to run ``loss.backward()`` under (one that does nothing when
@@ -80,8 +81,9 @@ class BackpackCurvature:
             idle = Idle()
             idle.switch = self._switch
             return idle
-        if self._switch is not None:
-            self._switch.set(True)  # in case the forward is yet to come
+        if self._switch is not None:  # in case the forward and backward are yet to come
+            self._switch.set(True)
+            self._accumulation.suspend(False)
         ext = self._cls(savefield=self.savefield, **self._kwargs)
         ext.switch = self._switch
         ext.touched = self._touched
@@ -187,13 +189,15 @@ class Accumulation:
 
     A hook runs before each backward adds into ``p.grad`` and compares ``p.grad`` with what
     the previous backward left there (the same tensor at the same version): unchanged, the new
-    gradient is added to it. ``zero_grad()`` (to None or to zeros) resets it.
+    gradient is added to it. ``zero_grad()`` (to None or to zeros) resets it. Between measuring
+    steps the hooks are off (:meth:`suspend`): each costs a Python call per parameter and backward.
     """
 
     def __init__(self) -> None:
         self.summed: set[Tensor] = set()
         self._left: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
         self._handles: dict[Tensor, list[Any]] = {}
+        self._off = False
         handles = self._handles
         weakref.finalize(self, lambda: [h.remove() for hs in handles.values() for h in hs])
 
@@ -202,6 +206,25 @@ class Accumulation:
         if param in self._handles or not param.requires_grad:
             return
         self._record(param)
+        self._handles[param] = [] if self._off else self._hook(param)
+
+    def suspend(self, off: bool) -> None:
+        """Take the hooks off every watched parameter (``off``: a step that queries no curvature
+        needs no check) or put them back. Back on, what each ``.grad`` holds counts as left by a
+        backward, as the hooks would have recorded it (``step()`` does not change ``.grad``)."""
+        if off == self._off:
+            return
+        self._off = off
+        for param, handles in self._handles.items():
+            for h in handles:
+                h.remove()
+            handles[:] = [] if off else self._hook(param)
+            if not off:
+                self._record(param)
+        self.summed.clear()
+
+    def _hook(self, param: Tensor) -> list[Any]:
+        """Register the two hooks on ``param``; they hold it and the watch only weakly."""
         me, p_ref = weakref.ref(self), weakref.ref(param)
 
         def before(grad: Tensor) -> None:
@@ -224,7 +247,7 @@ class Accumulation:
             if watch is not None:
                 watch._record(p)
 
-        self._handles[param] = [param.register_hook(before), param.register_post_accumulate_grad_hook(after)]
+        return [param.register_hook(before), param.register_post_accumulate_grad_hook(after)]
 
     def _record(self, param: Tensor) -> None:
         g = param.grad
