@@ -26,6 +26,7 @@ from .stepsize import (
     StepSizePolicy,
     make_policy,
     quadratic_step,
+    unmeasured_step,
 )
 
 MODES = ("scale", "observe")
@@ -318,7 +319,10 @@ class QuadraticLineSearch(Optimizer):
         group's lr where it has none; observe mode: the lr; 0 on a skipped step."""
         scale = self.mode == "scale"
         bounds = (self.alpha_min, self.alpha_max) if scale else (0.0, math.inf)
-        rule = quadratic_step(measured.dg, measured.dcd, measured.grad_sq, *bounds)
+        if measured.measured:
+            rule = quadratic_step(measured.dg, measured.dcd, measured.grad_sq, *bounds)
+        else:
+            rule = unmeasured_step(measured.dg, measured.dcd, measured.grad_sq)
         block_rule = quadratic_step(*blocks, measured.grad_sq, *bounds) if blocks is not None else None
         alphas, per_param, shrinks = [], [], []
         for group, ps in groups:
@@ -639,7 +643,9 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
             closure or a changed ``step(x, y)`` signature. Optional with the BackPACK
             curvatures: given the (extended) model, the backward frees each activation
             BackPACK keeps once only a mask, indices or a shape of it is still read,
-            which lowers the peak memory of conv nets (default: None).
+            which lowers the peak memory of conv nets, and with ``every > 1`` takes
+            BackPACK's hooks off it between measuring steps (the README's ``every=k``)
+            (default: None).
         loss_fn: the loss module called as ``loss_fn(model(x), y)``, required by the
             exact curvatures; ``"ggn-exact"`` needs ``nn.CrossEntropyLoss`` or
             ``nn.MSELoss`` (default: None).
