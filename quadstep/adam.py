@@ -63,7 +63,8 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
         alpha_min, alpha_max: the clip of a policy given by name (default: the policy's, [0, 0.1]).
         history_size: records kept, None for all (default: 10000).
         model: the network: required by the exact curvatures, whose hooks read the batch from its
-            forward; with BackPACK's, lets the backward free activations early (default: None).
+            forward; with BackPACK's, lets the backward free activations early, and with ``every > 1``
+            takes BackPACK's hooks off it between measuring steps (default: None).
         loss_fn: the loss module, ``loss_fn(model(x), y)``; required by the exact curvatures
             (default: None).
         per_block: step each parameter tensor with its own greedy :math:`\alpha^*_p` (default: False).

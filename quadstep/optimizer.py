@@ -55,18 +55,16 @@ class LineSearchOptions(TypedDict, total=False):
 
 
 class QuadraticLineSearch(Optimizer):
-    """Shared machinery; subclasses only choose the direction.
-
-    ``step()`` reads as the three ideas in order: the direction (:mod:`quadstep.direction`), the
-    curvature along it (:mod:`quadstep.curvature`), the step size (:mod:`quadstep.stepsize`'s
-    policy), then the update and the record. A subclass sets :attr:`direction` (a function of
-    :mod:`quadstep.direction`), :attr:`gain` (the weight of the current gradient in it) and
-    :attr:`decoupled_weight_decay` (whether ``weight_decay`` shrinks the parameters, as AdamW does,
-    instead of entering the direction).
+    """Shared machinery; subclasses only choose the direction. ``step()`` reads as the three ideas in
+    order: the direction (:mod:`quadstep.direction`), the curvature along it (:mod:`quadstep.curvature`),
+    the step size (:mod:`quadstep.stepsize`'s policy), then the update (:mod:`quadstep.update`) and the
+    record. A subclass sets :attr:`direction` (a function of :mod:`quadstep.direction`), :attr:`gain`
+    (the weight of the current gradient in it) and :attr:`decoupled_weight_decay` (whether
+    ``weight_decay`` shrinks the parameters, as AdamW does, instead of entering the direction).
     """
 
     direction: Callable[..., list[Tensor]]
-    gain: Callable[[dict[str, Any], list[dict[str, Any]]], list[Tensor]]
+    gain: Callable[[dict[str, Any], list[dict[str, Any]]], list[tuple[Tensor, Tensor | None]]]
     decoupled_weight_decay: bool
 
     #: ``alpha_max`` of a policy given by name when none is set (None: the policy's own).
@@ -118,6 +116,7 @@ class QuadraticLineSearch(Optimizer):
         self._previous_alpha: Tensor | None = None
         self._previous: dict[Tensor, Tensor] = {}  # d_{t-1} per parameter, kept when step t measures
         self._steps = 0
+        self._curvature.prepare(self._checks(1))
 
     @property
     def alpha_min(self) -> float:
@@ -199,6 +198,7 @@ class QuadraticLineSearch(Optimizer):
         finally:
             self._curvature.release(params)
         self._commit(t, params, ds, policy_states, alphas, record)
+        self._curvature.prepare(self._checks(t + 1))
         return loss
 
     def _evaluate(self, closure: Callable[[], Tensor] | None, t: int) -> Tensor | None:
@@ -366,8 +366,12 @@ class QuadraticLineSearch(Optimizer):
         for p, state in self.state.items():  # torch.optim leaves "step" on the CPU unless fused/capturable
             if isinstance(state.get("step"), Tensor):
                 state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-        if extra is None:
-            return
+        if extra is not None:
+            self._load_extra(extra)
+        self._curvature.prepare(self._checks(self._steps + 1))
+
+    def _load_extra(self, extra: dict[str, Any]) -> None:
+        """The state of :meth:`state_dict`'s ``"quadstep"`` entry."""
         self._steps = extra["steps"]
         params = [p for g in self.param_groups for p in g["params"]]
         p = params[0]

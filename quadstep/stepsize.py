@@ -88,6 +88,20 @@ def quadratic_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor, alpha_min: float, a
     return StepSize(alpha_star, alpha, defined, skip, code)
 
 
+def unmeasured_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor) -> StepSize:
+    r""":func:`quadratic_step` of a step that queried no curvature (``dcd`` NaN, 0-dim), in a few ops
+    instead of two dozen: :math:`\alpha^*` is NaN and undefined, and of the statuses only those ahead
+    of ``non-finite-curvature``, which always holds, can come first."""
+    alpha_star = -dg / dcd
+    first = torch.where(
+        grad_sq.isfinite().logical_not_(),
+        0,
+        torch.where(dg.isfinite().logical_not_(), 1, torch.where(grad_sq == 0, 2, 3)),
+    )
+    never = torch.zeros_like(first, dtype=torch.bool)
+    return StepSize(alpha_star, torch.full_like(dg, math.nan), never, first < _FIRST_STEPPING, first + 1)
+
+
 #: Statuses a record can carry beyond those of :func:`quadratic_step`, appended so that the codes
 #: of :data:`STATUSES` stay as they are.
 EXTRA_STATUSES: tuple[str, ...] = (

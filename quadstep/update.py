@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .direction import Groups
-from .stepsize import Measurement, Proposal, StepSize, quadratic_step
+from .stepsize import Measurement, Proposal, StepSize, quadratic_step, unmeasured_step
 
 SavedState = list[tuple[Tensor, dict[str, Any] | None]]
 
@@ -28,7 +28,10 @@ def step_sizes(
     rule's verdict on alpha* (for the record). Scale mode (``bounds``: the policy's clip): the policy's
     alpha, the group's lr where it has none; observe mode (``bounds`` None): the lr; 0 on a skipped step."""
     scale, clip = bounds is not None, bounds or (0.0, math.inf)
-    rule = quadratic_step(measured.dg, measured.dcd, measured.grad_sq, *clip)
+    if measured.measured:
+        rule = quadratic_step(measured.dg, measured.dcd, measured.grad_sq, *clip)
+    else:
+        rule = unmeasured_step(measured.dg, measured.dcd, measured.grad_sq)
     block_rule = None if blocks is None else quadratic_step(*blocks, measured.grad_sq, *clip)
     alphas, per_param, shrinks = [], [], []
     for group, ps in groups:

@@ -44,7 +44,7 @@ def test_the_walls_list_what_they_need_and_find_it_with_the_tested_versions() ->
     assert torch.__version__.startswith(quadstep._internals.TESTED_TORCH)
     assert "torch._fused_adam_" in torch_wall.NEEDS and "torch.Tensor._version" in torch_wall.NEEDS
     assert torch_wall.MISSING == ()
-    assert backpack_wall.NEEDS and backpack_wall.MISSING == ()
+    assert backpack_wall.NEEDS and backpack_wall.MISSING == () and backpack_wall.MISSING_OPTIONAL == ()
     for cls, names in backpack_wall.NEEDS.items():
         assert all(hasattr(cls, name) for name in names), cls
 
@@ -160,6 +160,7 @@ def test_both_families_implement_the_curvature_protocol_with_its_signatures(name
     for method in (
         "extension",
         "context",
+        "prepare",
         "check_ready",
         "quadratic_forms",
         "forms_along",

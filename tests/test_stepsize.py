@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from quadstep.stepsize import DEFINED, STATUSES, quadratic_step
+from quadstep.stepsize import DEFINED, STATUSES, quadratic_step, unmeasured_step
 
 VALUES = (-2.0, -0.5, 0.0, 1e-40, 0.5, 3.0, math.inf, -math.inf, math.nan)
 BOUNDS = (0.25, 1.0)
@@ -72,3 +72,14 @@ def test_per_block_values_broadcast_against_one_gradient_norm() -> None:
     assert nan_gradient.skip.all() and {STATUSES[c] for c in nan_gradient.status.tolist()} == {
         "non-finite-gradient"
     }
+
+
+def test_unmeasured_step_is_quadratic_step_with_a_nan_curvature_bit_for_bit() -> None:
+    values = [-2.0, 0.0, 3.0, math.nan, math.inf, -math.inf]
+    for dtype in (torch.float32, torch.float64):
+        nan = torch.tensor(math.nan, dtype=dtype)
+        for dg, grad_sq in itertools.product(values, [0.0, 4.0, math.nan, math.inf]):
+            a, b = torch.tensor(dg, dtype=dtype), torch.tensor(grad_sq, dtype=dtype)
+            want, got = quadratic_step(a, nan, b, 0.0, 0.1), unmeasured_step(a, nan, b)
+            for x, y in zip(want, got):
+                assert (x.dtype, x.shape, x.numpy().tobytes()) == (y.dtype, y.shape, y.numpy().tobytes())

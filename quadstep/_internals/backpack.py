@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import untested
 
 try:
+    import backpack as _backpack_module
     from backpack import CTX, backpack, memory_cleanup
     from backpack.core.derivatives.basederivatives import BaseLossDerivatives, BaseParameterDerivatives
     from backpack.core.derivatives.maxpoolnd import MaxPoolNDDerivatives
@@ -60,6 +61,20 @@ MISSING: tuple[str, ...] = tuple(
 if MISSING:  # pragma: no cover - only with untested BackPACK versions
     raise ImportError(untested(f"BackPACK's {', '.join(MISSING)}"))
 
+#: BackPACK's names quadstep can do without, and what happens where one is missing.
+OPTIONAL: dict[str, str] = {
+    "backpack.hook_store_io": "BackPACK's hooks stay on the model on steps that query no curvature",
+    "backpack.hook_run_extensions": "as without backpack.hook_store_io",
+}
+_HOOKS: dict[str, Any] = {
+    "forward": getattr(_backpack_module, "hook_store_io", None),
+    "backward": getattr(_backpack_module, "hook_run_extensions", None),
+}
+#: The names of :data:`OPTIONAL` this BackPACK lacks (empty with the tested version).
+MISSING_OPTIONAL: tuple[str, ...] = tuple(
+    name for name, hook in zip(OPTIONAL, _HOOKS.values()) if not callable(hook)
+)
+
 #: Texts of BackPACK's errors that quadstep turns into messages saying what to do.
 _NOT_SCALAR = "Output must be scalar"
 _NO_QUANTITY = "expects a backpropagation quantity"
@@ -73,6 +88,18 @@ def is_not_scalar_error(err: Exception) -> bool:
 def is_no_quantity_error(err: Exception) -> bool:
     """Whether ``err`` is BackPACK's complaint about a layer that no curvature was passed back into."""
     return isinstance(err, AssertionError) and _NO_QUANTITY in str(err)
+
+
+def can_take_hooks() -> bool:
+    """Whether BackPACK's two hooks can be told apart from others (:func:`is_backpack_hook`)."""
+    return not any(name in MISSING_OPTIONAL for name in OPTIONAL)
+
+
+def is_backpack_hook(table: str, key: int, hook: Any) -> bool:
+    """Whether ``hook`` of a module's ``table`` (``"forward"``, ``"backward"``, ...; ``key`` unused) is
+    one ``extend`` registered: ``hook_store_io`` stores input0/output, ``hook_run_extensions`` runs
+    the active extensions."""
+    return can_take_hooks() and _HOOKS.get(table) is hook
 
 
 def active_extensions() -> list[Any]:

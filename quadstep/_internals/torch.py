@@ -2,7 +2,8 @@ r"""Every underscore-private name of torch that quadstep uses, checked once at i
 
 :data:`NEEDS` lists each name and what happens without it (:data:`MISSING`): the fused Adam kernel
 and the ``_foreach`` ops fall back to plain tensor ops, the hook tables and ``_conv_forward`` to
-ggn-exact's general path, the backward callback to leaving a harmless warning on; without
+ggn-exact's general path and to hooks that stay on between measuring steps, the backward callback
+to leaving a harmless warning on; without
 ``Tensor._version`` or ``Module._parameters`` a curvature raises a clear error when it is built.
 """
 
@@ -28,8 +29,10 @@ NEEDS: dict[str, str] = {
     "torch._C._functorch.peek_interpreter_stack": "forwards under torch.func transforms are recorded",
     "torch.nn.modules.module._global_forward_hooks": "ggn-exact never walks an nn.Sequential",
     "torch.nn.modules.module._global_forward_pre_hooks": "ggn-exact never walks an nn.Sequential",
-    "torch.nn.Module._forward_hooks": "ggn-exact never walks an nn.Sequential",
-    "torch.nn.Module._forward_pre_hooks": "ggn-exact never walks an nn.Sequential",
+    "torch.nn.Module._forward_hooks": "ggn-exact never walks an nn.Sequential; hooks stay on (below)",
+    "torch.nn.Module._forward_pre_hooks": "ggn-exact never walks an nn.Sequential; hooks stay on (below)",
+    "torch.nn.Module._backward_hooks": "BackPACK's and the recorder's hooks stay on between measuring steps",
+    "torch.nn.Module._is_full_backward_hook": "as without torch.nn.Module._backward_hooks",
     "torch.nn.Conv2d._conv_forward": "ggn-exact recomputes Conv layers on dual numbers",
     "torch.autograd.Variable._execution_engine": "BackPACK's first-layer hook warning is not silenced",
     "torch.Tensor._version": "required: the curvatures raise when they are built",
@@ -56,6 +59,8 @@ def _probe() -> dict[str, Any]:
         ),
         "torch.nn.Module._forward_hooks": getattr(module, "_forward_hooks", None),
         "torch.nn.Module._forward_pre_hooks": getattr(module, "_forward_pre_hooks", None),
+        "torch.nn.Module._backward_hooks": getattr(module, "_backward_hooks", None),
+        "torch.nn.Module._is_full_backward_hook": True if hasattr(module, "_is_full_backward_hook") else None,
         "torch.nn.Conv2d._conv_forward": getattr(nn.Conv2d, "_conv_forward", None),
         "torch.autograd.Variable._execution_engine": getattr(
             torch.autograd.Variable, "_execution_engine", None
@@ -165,3 +170,61 @@ def queue_backward_callback(callback: Callable[[], None]) -> bool:
         return False
     engine.queue_callback(callback)
     return True
+
+
+#: The hook tables :func:`take_hooks` reads: forward, forward-pre and (full) backward hooks.
+_HOOK_TABLES: dict[str, str] = {
+    "forward": "_forward_hooks",
+    "forward_pre": "_forward_pre_hooks",
+    "backward": "_backward_hooks",
+}
+#: Hooks taken off one module: per table, its keys in their order before, and the entries taken.
+Taken = dict[str, tuple[list[int], dict[int, Callable[..., Any]]]]
+
+
+def can_take_hooks() -> bool:
+    """Whether :func:`take_hooks` works with this torch (else every hook stays where it is)."""
+    return has(
+        "torch.nn.Module._forward_hooks",
+        "torch.nn.Module._forward_pre_hooks",
+        "torch.nn.Module._backward_hooks",
+        "torch.nn.Module._is_full_backward_hook",
+    )
+
+
+def take_hooks(module: nn.Module, pick: Callable[[str, int, Callable[..., Any]], bool]) -> Taken:
+    """Take off ``module`` the hooks ``pick(table, id, hook)`` selects (``table`` a key of
+    :data:`_HOOK_TABLES`; backward hooks only from a module whose hooks are full ones), for
+    :func:`put_back_hooks`. A module without forward and backward hooks runs torch's fast path,
+    without the ``BackwardHook`` that wraps a hooked module's inputs and outputs."""
+    taken: Taken = {}
+    for table, attr in _HOOK_TABLES.items():
+        if table == "backward" and module._is_full_backward_hook is not True:
+            continue
+        hooks = getattr(module, attr)
+        chosen = {k: h for k, h in hooks.items() if pick(table, k, h)}
+        if chosen:
+            taken[table] = (list(hooks), chosen)
+            for k in chosen:
+                del hooks[k]
+    return taken
+
+
+def put_back_hooks(module: nn.Module, taken: Taken) -> None:
+    """Put the hooks :func:`take_hooks` took back in their places: each right after the nearest hook
+    that preceded it and is still there, else right before the nearest that followed it, else
+    first. Hooks registered meanwhile keep their places; hooks removed meanwhile stay removed."""
+    for table, (order, entries) in taken.items():
+        hooks = getattr(module, _HOOK_TABLES[table])
+        present = dict(hooks)
+        keys = list(hooks)
+        for i, k in enumerate(order):
+            if k not in entries or k in present:
+                continue
+            before = [o for o in order[:i] if o in present]
+            after = [o for o in order[i + 1 :] if o in present]
+            pos = keys.index(before[-1]) + 1 if before else keys.index(after[0]) if after else 0
+            keys.insert(pos, k)
+            present[k] = entries[k]
+        hooks.clear()
+        hooks.update((k, present[k]) for k in keys)

@@ -30,6 +30,10 @@ class Curvature(Protocol):
     def context(self, measure: bool = True) -> AbstractContextManager[Any]:
         """What a closure's ``loss.backward()`` runs under."""
 
+    def prepare(self, measure: bool) -> None:
+        """Get ready for the next forward, whose step queries the curvature if ``measure``: hooks that
+        serve only measuring steps are taken off the model on the others."""
+
     def check_ready(self, params: Sequence[Tensor]) -> None:
         """Raise, before anything changes, when the forms cannot be evaluated for ``params``."""
 

@@ -15,6 +15,7 @@ from .._common import dot
 from . import stored
 from .extensions import Idle, TracedGGNMP, TracedHMP, TracedPCHMP
 from .products import ParamProduct
+from .suspension import HookSwitch
 from .sweep import sweep
 
 
@@ -29,7 +30,9 @@ class BackpackCurvature:
             extension's own, ``hmp``, ``ggnmp`` or ``pchmp``).
         model: the extended model (optional): lets the backward free each activation
             BackPACK keeps as soon as no product needs more than a mask, indices or a shape
-            of it (see :mod:`.compaction`), which lowers the peak memory of conv nets.
+            of it (see :mod:`.compaction`), which lowers the peak memory of conv nets, and
+            :meth:`prepare` take BackPACK's hooks off it between measuring steps
+            (see :mod:`.suspension`).
         moments: also compute BackPACK's ``SumGradSquared`` in the same backward, for
             :meth:`second_moments`.
     """
@@ -61,13 +64,28 @@ class BackpackCurvature:
         self._accumulation = Accumulation()
         for p in [] if model is None else model.parameters():
             self._accumulation.watch(p)
+        self._switch = None if model is None else HookSwitch(self._modules or [])
+
+    def prepare(self, measure: bool) -> None:
+        """Get the model ready for the next forward: BackPACK's hooks on it are needed only when the
+        next step queries the curvature, ``measure``; off otherwise (:mod:`.suspension`), and so are
+        the hooks that tell a summed gradient (:class:`Accumulation`). A no-op without ``model``."""
+        if self._switch is not None:
+            self._switch.set(measure)
+            self._accumulation.suspend(not measure)
 
     def extension(self, measure: bool = True) -> bp.BackpropExtension:
         """The BackPACK extension to run ``loss.backward()`` under (one that does nothing when
         ``measure`` is False: a step that does not query the curvature)."""
         if not measure:
-            return Idle()
+            idle = Idle()
+            idle.switch = self._switch
+            return idle
+        if self._switch is not None:  # in case the forward and backward are yet to come
+            self._switch.set(True)
+            self._accumulation.suspend(False)
         ext = self._cls(savefield=self.savefield, **self._kwargs)
+        ext.switch = self._switch
         ext.touched = self._touched
         ext.modules = self._modules
         ext.watch = self._accumulation.watch
@@ -173,13 +191,15 @@ class Accumulation:
 
     A hook runs before each backward adds into ``p.grad`` and compares ``p.grad`` with what
     the previous backward left there (the same tensor at the same version): unchanged, the new
-    gradient is added to it. ``zero_grad()`` (to None or to zeros) resets it.
+    gradient is added to it. ``zero_grad()`` (to None or to zeros) resets it. Between measuring
+    steps the hooks are off (:meth:`suspend`): each costs a Python call per parameter and backward.
     """
 
     def __init__(self) -> None:
         self.summed: set[Tensor] = set()
         self._left: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
         self._handles: dict[Tensor, list[Any]] = {}
+        self._off = False
         handles = self._handles
         weakref.finalize(self, lambda: [h.remove() for hs in handles.values() for h in hs])
 
@@ -188,6 +208,25 @@ class Accumulation:
         if param in self._handles or not param.requires_grad:
             return
         self._record(param)
+        self._handles[param] = [] if self._off else self._hook(param)
+
+    def suspend(self, off: bool) -> None:
+        """Take the hooks off every watched parameter (``off``: a step that queries no curvature
+        needs no check) or put them back. Back on, what each ``.grad`` holds counts as left by a
+        backward, as the hooks would have recorded it (``step()`` does not change ``.grad``)."""
+        if off == self._off:
+            return
+        self._off = off
+        for param, handles in self._handles.items():
+            for h in handles:
+                h.remove()
+            handles[:] = [] if off else self._hook(param)
+            if not off:
+                self._record(param)
+        self.summed.clear()
+
+    def _hook(self, param: Tensor) -> list[Any]:
+        """Register the two hooks on ``param``; they hold it and the watch only weakly."""
         me, p_ref = weakref.ref(self), weakref.ref(param)
 
         def before(grad: Tensor) -> None:
@@ -210,7 +249,7 @@ class Accumulation:
             if watch is not None:
                 watch._record(p)
 
-        self._handles[param] = [param.register_hook(before), param.register_post_accumulate_grad_hook(after)]
+        return [param.register_hook(before), param.register_post_accumulate_grad_hook(after)]
 
     def _record(self, param: Tensor) -> None:
         g = param.grad

@@ -59,6 +59,8 @@ def _product_name(ext: Any) -> str:
 class Idle(bp.BackpropExtension):
     """An extension with no module extensions: BackPACK's hooks do nothing under it."""
 
+    switch: Any = None  # the HookSwitch of the curvature that made it (see .suspension)
+
     def __init__(self) -> None:
         super().__init__(savefield="quadstep_idle", module_exts={}, fail_mode=bp.FAIL_SILENT)
 
@@ -68,6 +70,18 @@ class Idle(bp.BackpropExtension):
     def __call__(self, module: nn.Module, g_inp: Any, g_out: Any) -> None:
         if bp.is_loss(module):  # the extended model's hooks still fire torch's harmless warning
             quiet_backward()
+
+
+class Switched:
+    """Mix-in that, at the loss module (where the backward begins), tells the curvature's
+    :class:`~.suspension.HookSwitch`, if any, which extensions run with it."""
+
+    switch: Any = None
+
+    def __call__(self, module: nn.Module, g_inp: Any, g_out: Any) -> None:
+        if self.switch is not None and bp.is_loss(module):
+            self.switch.note(bp.active_extensions(), module)
+        super().__call__(module, g_inp, g_out)  # type: ignore[misc]
 
 
 class SecondMoments:
@@ -87,13 +101,13 @@ class SecondMoments:
         super().__call__(module, g_inp, g_out)  # type: ignore[misc]
 
 
-class TracedHMP(ClearErrors, SecondMoments, bp.HMP, Traceable):
+class TracedHMP(ClearErrors, Switched, SecondMoments, bp.HMP, Traceable):
     """BackPACK's HMP (Hessian blocks)."""
 
 
-class TracedGGNMP(ClearErrors, SecondMoments, bp.GGNMP, Traceable):
+class TracedGGNMP(ClearErrors, Switched, SecondMoments, bp.GGNMP, Traceable):
     """BackPACK's GGNMP (generalised Gauss-Newton blocks)."""
 
 
-class TracedPCHMP(ClearErrors, SecondMoments, bp.PCHMP, Traceable):
+class TracedPCHMP(ClearErrors, Switched, SecondMoments, bp.PCHMP, Traceable):
     """BackPACK's PCHMP (positive-curvature Hessian blocks)."""

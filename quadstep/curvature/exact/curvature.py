@@ -91,6 +91,12 @@ class ExactCurvature:
         """What a closure's ``loss.backward()`` runs under: nothing, a plain backward."""
         return contextlib.nullcontext()
 
+    def prepare(self, measure: bool) -> None:
+        """Record the next forward only if its step queries the curvature, ``measure``: otherwise the
+        recorder's hooks (which copy the RNG state, keep the inputs and the Linear/Conv outputs and
+        hook the loss tensor) are off the model."""
+        self._recorder.suspend(not measure)
+
     def check_ready(self, params: Sequence[Tensor]) -> None:
         """Raise, before anything changes, if ``step()`` cannot evaluate the curvature."""
         fix = (

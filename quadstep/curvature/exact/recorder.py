@@ -124,6 +124,22 @@ class Recorder:
         handles = self._hooks(fast)
         weakref.finalize(self, _remove, handles)
         self.own_hooks = {h.id for h in handles}
+        self._hooked = list({id(m): m for m in [*fast, model, loss_fn]}.values())
+        self._taken: list[tuple[nn.Module, torch_internals.Taken]] | None = None
+
+    def suspend(self, off: bool) -> None:
+        """Take this recorder's hooks off the modules (``off``) or put them back in their places: a
+        step that queries no curvature needs no record of its forward, and modules without hooks run
+        torch's fast path. Where torch's hook tables are missing the hooks stay on."""
+        if off == (self._taken is not None) or not torch_internals.can_take_hooks():
+            return
+        if off:
+            own = self.own_hooks
+            self._taken = [(m, torch_internals.take_hooks(m, lambda t, k, h: k in own)) for m in self._hooked]
+            return
+        for module, taken in self._taken or []:
+            torch_internals.put_back_hooks(module, taken)
+        self._taken = None
 
     @staticmethod
     @contextlib.contextmanager
