@@ -243,6 +243,16 @@ class _Averaged(StepSizePolicy):
         zero = torch.zeros_like(like)
         return {"alpha": torch.full_like(like, math.nan), "numerator": zero, "denominator": zero.clone()}
 
+    def _averaged(
+        self, num_t: Tensor, den_t: Tensor, grad_sq: Tensor, state: PolicyState
+    ) -> tuple[Proposal, PolicyState]:
+        """This step's numerator and denominator into the EMAs (not where a term, or g, is not finite),
+        then :meth:`_ratio`."""
+        ok = torch.isfinite(num_t) & torch.isfinite(den_t) & torch.isfinite(grad_sq)
+        num = torch.where(ok, state["numerator"] * self.beta + num_t * (1 - self.beta), state["numerator"])
+        den = torch.where(ok, state["denominator"] * self.beta + den_t * (1 - self.beta), state["denominator"])
+        return self._ratio(num, den, ok, state)
+
     def _ratio(
         self, num: Tensor, den: Tensor, ok: Tensor, state: PolicyState
     ) -> tuple[Proposal, PolicyState]:
@@ -300,12 +310,8 @@ class Lagged(_Averaged):
     def propose(self, m: Measurement, state: PolicyState) -> tuple[Proposal, PolicyState]:
         if not m.lagged:
             return self._kept(state), state
-        num_t = m.previous_alpha * m.lagged_dcd - m.slope
-        ok = torch.isfinite(num_t) & torch.isfinite(m.lagged_dcd) & torch.isfinite(m.grad_sq)
-        num = torch.where(ok, state["numerator"] * self.beta + num_t * (1 - self.beta), state["numerator"])
-        den = state["denominator"]
-        den = torch.where(ok, den * self.beta + m.lagged_dcd * (1 - self.beta), den)
-        return self._ratio(num, den, ok, state)
+        return self._averaged(m.previous_alpha * m.lagged_dcd - m.slope, m.lagged_dcd, m.grad_sq, state)
+
 
 class Corrected(_Averaged):
     r"""The current batch's minimiser along the current direction, with the batch noise removed from
@@ -344,12 +350,7 @@ class Corrected(_Averaged):
     def propose(self, m: Measurement, state: PolicyState) -> tuple[Proposal, PolicyState]:
         if not m.measured or m.noise is None:
             return self._kept(state), state
-        num_t = -m.dg - m.noise
-        ok = torch.isfinite(num_t) & torch.isfinite(m.dcd) & torch.isfinite(m.grad_sq)
-        num = torch.where(ok, state["numerator"] * self.beta + num_t * (1 - self.beta), state["numerator"])
-        den = state["denominator"]
-        den = torch.where(ok, den * self.beta + m.dcd * (1 - self.beta), den)
-        return self._ratio(num, den, ok, state)
+        return self._averaged(-m.dg - m.noise, m.dcd, m.grad_sq, state)
 
 
 #: The built-in policies, by name.
