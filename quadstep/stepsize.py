@@ -250,7 +250,9 @@ class _Averaged(StepSizePolicy):
         then :meth:`_ratio`."""
         ok = torch.isfinite(num_t) & torch.isfinite(den_t) & torch.isfinite(grad_sq)
         num = torch.where(ok, state["numerator"] * self.beta + num_t * (1 - self.beta), state["numerator"])
-        den = torch.where(ok, state["denominator"] * self.beta + den_t * (1 - self.beta), state["denominator"])
+        den = torch.where(
+            ok, state["denominator"] * self.beta + den_t * (1 - self.beta), state["denominator"]
+        )
         return self._ratio(num, den, ok, state)
 
     def _ratio(

@@ -60,7 +60,9 @@ def noise_terms(
     terms = []
     for (scale, root), s, p in zip(gains, squares, params):
         z = torch.addcmul(s, p.grad, p.grad, value=-1.0 / batch)  # S - g²/N: N·S - g² over N
-        term = (z.div_(root) if root is not None else z).sum(dtype=torch.promote_types(z.dtype, torch.float32))
+        term = (z.div_(root) if root is not None else z).sum(
+            dtype=torch.promote_types(z.dtype, torch.float32)
+        )
         terms.append(scale.to(term.dtype) * term)
     x = stack_on(terms, params[0].device).sum() * batch
     return torch.stack([x, torch.full_like(x, batch)])
