@@ -213,23 +213,20 @@ def sgd(
     states: list[dict[str, Any]],
     finite: Tensor,
 ) -> list[Tensor]:
-    r"""SGD's direction, with optional momentum, dampening, Nesterov and coupled weight decay.
+    r"""SGD's direction, with optional momentum, dampening and Nesterov.
 
     .. math::
-        \tilde g = g + \lambda\theta, \qquad
         b_t = \mu b_{t-1} + (1-\tau)\tilde g \;\; (b_1 = \tilde g), \qquad
         d = -\begin{cases} \tilde g + \mu b_t & \text{Nesterov} \\ b_t & \text{else} \end{cases}
 
-    exactly as :class:`torch.optim.SGD` (``d = -g̃`` without momentum).
+    exactly as :class:`torch.optim.SGD` (``d = -g̃`` without momentum), where ``grads`` are
+    :math:`\tilde g = g + \lambda\theta` with its coupled weight decay (:func:`quadstep.update.gradients`).
     """
-    momentum, dampening = group["momentum"], group["dampening"]
-    weight_decay, nesterov = group["weight_decay"], group["nesterov"]
+    momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
     one = torch.ones((), dtype=torch.float64, device=finite.device)
     directions = []
     for p, g, state in zip(params, grads, states):
         g = _guarded(g)  # a non-finite g enters with weight 0 below: d stays finite
-        if weight_decay != 0:
-            g = g.add(p, alpha=weight_decay)
         if momentum != 0:
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -265,9 +262,13 @@ def groups_with_grads(param_groups: list[dict[str, Any]], owner: str) -> Groups:
 
 
 def of_groups(
-    direction: Callable[..., list[Tensor]], groups: Groups, state_of: Callable[[Tensor], dict[str, Any]]
+    direction: Callable[..., list[Tensor]],
+    groups: Groups,
+    state_of: Callable[[Tensor], dict[str, Any]],
+    gradients: Callable[[dict[str, Any], list[Tensor]], list[Tensor]],
 ) -> tuple[list[Tensor], Tensor]:
-    """``direction`` for every parameter of ``groups``, updating the states ``state_of(p)``; and gᵀg.
+    """``direction`` of ``gradients(group, params)`` for every parameter of ``groups``, updating the
+    states ``state_of(p)``; and gᵀg of the plain gradients.
 
     A non-finite gᵀg marks a gradient with NaN/Inf: the states are then left as they were.
     """
@@ -276,7 +277,7 @@ def of_groups(
     finite = torch.isfinite(grad_sq)
     ds: list[Tensor] = []
     for group, ps in groups:
-        ds += direction(group, ps, [p.grad for p in ps], [state_of(p) for p in ps], finite)
+        ds += direction(group, ps, gradients(group, ps), [state_of(p) for p in ps], finite)
     return ds, grad_sq
 
 

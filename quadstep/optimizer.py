@@ -39,8 +39,7 @@ DEFAULT_CURVATURE = "hessian"
 
 
 class LineSearchOptions(TypedDict, total=False):
-    """The keyword arguments every quadstep optimizer takes beyond its direction's (see
-    :class:`~quadstep.QuadraticLineSearchAdam` for their meaning and defaults)."""
+    """The keyword arguments every quadstep optimizer takes (:class:`~quadstep.QuadraticLineSearchAdam`)."""
 
     curvature: str
     mode: str
@@ -157,7 +156,7 @@ class QuadraticLineSearch(Optimizer):
         def copied(p: Tensor) -> dict[str, Any]:
             return {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.state.get(p, {}).items()}
 
-        return params, directions.of_groups(self.direction, groups, copied)[0]
+        return params, directions.of_groups(self.direction, groups, copied, self._gradients)[0]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -184,7 +183,9 @@ class QuadraticLineSearch(Optimizer):
             # changes any state; along d_t after it, from a copy of the state taken first.
             local = None if "current" in sets else self._query(params, [], sets, release=True)
             saved = update.saved(self.state, params) if sets else None
-            ds, grad_sq = directions.of_groups(self.direction, groups, self.state.__getitem__)
+            ds, grad_sq = directions.of_groups(
+                self.direction, groups, self.state.__getitem__, self._gradients
+            )
             local = self._query(params, ds, sets) if local is None else local
             measured, blocks = self._measurement(groups, ds, grad_sq, local, maximize)
             proposals, policy_states = self._propose(measured)
@@ -209,19 +210,21 @@ class QuadraticLineSearch(Optimizer):
             return closure()
 
     def _checks(self, step: int) -> bool:
-        """Whether step ``step`` needs the curvature's products (or recorded forwards) to be ready:
-        on every measuring step, a lagged policy's first one included, so that a loop that lacks
-        them fails on its first step."""
+        """Whether step ``step`` needs the curvature's products (or recorded forwards): on every measuring
+        step, a lagged policy's first one included, so that a loop that lacks them fails at once."""
         return self.measures(step) and (bool(self._queried(step)) or self._lagged)
 
     def _queried(self, step: int) -> tuple[str, ...]:
-        """Along which directions step ``step`` queries the curvature: ``"current"`` (d_t: observe
-        mode, per_block, or a policy such as Greedy that needs it) and ``"previous"`` (d_{t-1}, kept
-        from the step before, for a lagged policy); none on a step that does not measure."""
+        """Along which directions step ``step`` queries the curvature: ``"current"`` (d_t: observe mode,
+        per_block, or a policy that needs it) and ``"previous"`` (d_{t-1}, for a lagged policy)."""
         if not self.measures(step):
             return ()
         current = ("current",) if self.mode == "observe" or self.per_block or self.policy.current else ()
         return current + (("previous",) if self._previous else ())
+
+    def _gradients(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """:func:`~quadstep.update.gradients` with this optimizer's weight decay: the direction's input."""
+        return update.gradients(group, params, coupled=not self.decoupled_weight_decay)
 
     def _query(
         self, params: list[Tensor], ds: list[Tensor], sets: tuple[str, ...], release: bool = False

@@ -1,6 +1,6 @@
-r"""The update: each group's step size, the weight decay, and
-:math:`\theta \leftarrow (1 - \mathrm{lr}\,\lambda)\,\theta + \alpha d`; and the copy of the state that
-makes a failed step change nothing."""
+r"""The update: each group's step size, the weight decay (coupled: into the gradient the direction
+takes; decoupled: :math:`\theta \leftarrow (1 - \mathrm{lr}\,\lambda)\,\theta + \alpha d`), and the copy of
+the state that makes a failed step change nothing."""
 
 from __future__ import annotations
 
@@ -14,6 +14,16 @@ from .direction import Groups
 from .stepsize import Measurement, Proposal, StepSize, quadratic_step, unmeasured_step
 
 SavedState = list[tuple[Tensor, dict[str, Any] | None]]
+
+
+def gradients(group: dict[str, Any], params: list[Tensor], coupled: bool) -> list[Tensor]:
+    r"""The gradients the direction takes: :math:`g`, or with a ``coupled`` weight decay
+    :math:`\tilde g = g + \lambda\theta` (as :class:`torch.optim.SGD`; non-finite entries of g set to 0,
+    the step is skipped then)."""
+    wd = group.get("weight_decay", 0.0)
+    if not coupled or wd == 0:
+        return [p.grad for p in params]
+    return [torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0).add_(p, alpha=wd) for p in params]
 
 
 def step_sizes(
