@@ -2,6 +2,7 @@ r"""The optimizers: a direction, a curvature query and a step-size rule, joined 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, TypedDict
@@ -130,18 +131,15 @@ class QuadraticLineSearch(Optimizer):
         return (step - 1) % self.every == 0
 
     def extension(self) -> BackpropExtension:
-        """The BackPACK extension to run ``loss.backward()`` under: ``with backpack(opt.extension()):``.
-
-        On a step that does not query the curvature (``every > 1``) it is one that does nothing.
-        """
+        """The BackPACK extension to run ``loss.backward()`` under: ``with backpack(opt.extension()):``
+        (one that does nothing on a step that does not query the curvature, ``every > 1``)."""
         return self._curvature.extension(measure=self._checks(self._steps + 1))
 
     @torch.no_grad()
     def preview_directions(self) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters with a gradient and the direction ``d`` along each that the next ``step()``
-        takes from the gradients now in ``p.grad`` (Adam: with those gradients folded into the moments).
-
-        Changes nothing: the direction runs on a copy of each parameter's state (Adam: both moments).
+        takes from the gradients now in ``p.grad``. Changes nothing: the direction runs on a copy of
+        each parameter's state (Adam: both moments).
 
         Example:
             >>> loss_fn(model(x), y).backward()
@@ -156,7 +154,7 @@ class QuadraticLineSearch(Optimizer):
         def copied(p: Tensor) -> dict[str, Any]:
             return {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.state.get(p, {}).items()}
 
-        return params, directions.of_groups(self.direction, groups, copied, self._gradients)[0]
+        return params, self._directions(groups, copied)[0]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -179,13 +177,10 @@ class QuadraticLineSearch(Optimizer):
             self._curvature.check_ready(params)  # raises before any state changes
         maximize, saved = directions.maximizing(groups), None
         try:
-            # Along d_{t-1} alone the curvature is queried (its products freed) before the direction
-            # changes any state; along d_t after it, from a copy of the state taken first.
+            # d_{t-1} alone: queried before the direction changes any state; d_t: after, from a copy.
             local = None if "current" in sets else self._query(params, [], sets, release=True)
             saved = update.saved(self.state, params) if sets else None
-            ds, grad_sq = directions.of_groups(
-                self.direction, groups, self.state.__getitem__, self._gradients
-            )
+            ds, grad_sq = self._directions(groups, self.state.__getitem__)
             local = self._query(params, ds, sets) if local is None else local
             measured, blocks = self._measurement(groups, ds, grad_sq, local, maximize)
             proposals, policy_states = self._propose(measured)
@@ -222,9 +217,12 @@ class QuadraticLineSearch(Optimizer):
         current = ("current",) if self.mode == "observe" or self.per_block or self.policy.current else ()
         return current + (("previous",) if self._previous else ())
 
-    def _gradients(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        """:func:`~quadstep.update.gradients` with this optimizer's weight decay: the direction's input."""
-        return update.gradients(group, params, coupled=not self.decoupled_weight_decay)
+    def _directions(
+        self, groups: Groups, state_of: Callable[[Tensor], dict[str, Any]]
+    ) -> tuple[list[Tensor], Tensor]:
+        """:func:`~quadstep.direction.of_groups` with this optimizer's direction and weight decay."""
+        gradients = functools.partial(update.gradients, coupled=not self.decoupled_weight_decay)
+        return directions.of_groups(self.direction, groups, state_of, gradients)
 
     def _query(
         self, params: list[Tensor], ds: list[Tensor], sets: tuple[str, ...], release: bool = False
