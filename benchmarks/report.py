@@ -39,6 +39,10 @@ Config = tuple[str, float, str, str]  # optimizer, lr, curvature, mode
 Runs = dict[Config, list[dict[str, Any]]]  # the runs of each configuration
 
 
+#: The plots of each workload, in the order summary.md shows them.
+PLOT_KINDS = ("loss", "lr_sweep", "alpha", "policy", "alpha_dist")
+
+
 def read_results(path: Path) -> list[dict[str, Any]]:
     """The rows of results.csv, with numbers parsed."""
     with path.open(newline="") as f:
@@ -432,7 +436,7 @@ def _workload_section(workload: str, rows: Sequence[dict[str, Any]], info: dict[
     lines += ["", _notes(rows), "", "<details><summary>All configurations</summary>", ""]
     lines += _table(groups, peer, adam_seconds, classification)
     lines += ["", "</details>", ""]
-    plots = [f"{kind}_{workload}.png" for kind in ("loss", "lr_sweep", "alpha", "alpha_dist")]
+    plots = [f"{kind}_{workload}.png" for kind in PLOT_KINDS]
     return lines + [" ".join(f"![{p}](plots/{p})" for p in plots), ""]
 
 
@@ -544,7 +548,8 @@ def plot_workload(workload: str, rows: Sequence[dict[str, Any]], logs: Logs, fol
         "alpha_dist": _alpha_dist_plot,
     }
     written = []
-    for kind, draw in plots.items():
+    for kind in PLOT_KINDS:
+        draw = plots[kind]
         fig, ax = plt.subplots(figsize=(10, 5))
         draw(ax, workload, rows, logs, styles)
         _legend(ax)

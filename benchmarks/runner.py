@@ -240,7 +240,9 @@ def run(
     keep = functools.partial(_keep, optimizers=optimizers)
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen layer of `quadratic`
-    planned = {w.name: _planned_runs(w, curvatures, keep) * len(seeds) for w in workloads}
+    planned = {
+        w.name: _planned_runs(w, curvatures, keep, policies or POLICIES) * len(seeds) for w in workloads
+    }
     bar = tqdm(total=sum(planned.values()), disable=not progress, unit="run", dynamic_ncols=True)
     with logging_redirect_tqdm(), bar:
         for workload in workloads:
@@ -325,10 +327,13 @@ def _plan(
 
 
 def _planned_runs(
-    workload: Workload, curvatures: Sequence[str] | None, keep: Callable[[list[Submission]], list[Submission]]
+    workload: Workload,
+    curvatures: Sequence[str] | None,
+    keep: Callable[[list[Submission]], list[Submission]],
+    policies: Sequence[tuple[str, int]],
 ) -> int:
     """Runs per seed for ``workload``: its grid and its observe-best stage (counted as done when not run)."""
-    grid = keep(submissions(workload.backpack, curvatures=curvatures))
+    grid = keep(submissions(workload.backpack, curvatures=curvatures, policies=policies))
     return len(grid) + len(keep(observe_submissions(workload.backpack, [math.nan], curvatures)))
 
 
