@@ -65,7 +65,7 @@ from torch.profiler import ProfilerActivity, profile
 import quadstep
 
 from .runner import metadata
-from .submissions import BACKPACK_CURVATURES, Submission, Trainer, needs_per_sample, quadstep_default
+from .submissions import Submission, Trainer, quadstep_default, runs_with
 from .training import train
 from .workloads.fmnist_cnn import make_model as make_cnn
 
@@ -139,8 +139,8 @@ def contenders(
     for policy in policies:
         for curvature in curvatures:
             step_size, every = _policy(policy)
-            if needs_per_sample(step_size) and curvature not in BACKPACK_CURVATURES:
-                continue  # e.g. corrected: only BackPACK gives per-sample statistics
+            if not runs_with(step_size, curvature):
+                continue
             sub = Submission(
                 "quadstep_adam", LR, curvature, "scale", step_size, every,
                 options=defaults, free_activations=given_model,

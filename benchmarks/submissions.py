@@ -291,16 +291,16 @@ def submissions(
         for curvature in quadstep.CURVATURES
         if (backpack_ok or curvature not in BACKPACK_CURVATURES)
         and (curvatures is None or curvature in curvatures)
-        and (curvature in BACKPACK_CURVATURES or not needs_per_sample(policy))
+        and runs_with(policy, curvature)
     ]
     return subs
 
 
-def needs_per_sample(policy: str) -> bool:
-    """Whether the step-size policy called ``policy`` needs per-sample gradient statistics, which only
-    BackPACK's curvatures give."""
+def runs_with(policy: str, curvature: str) -> bool:
+    """Whether the step-size policy called ``policy`` runs with ``curvature``: one that needs per-sample
+    gradient statistics only with a curvature that gives them."""
     cls = ABLATIONS[policy]() if policy in ABLATIONS else quadstep.stepsize.POLICIES[policy]
-    return bool(cls.noise)
+    return curvature in quadstep.curvature.PER_SAMPLE_CURVATURES or not cls.noise
 
 
 def observe_submissions(

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from . import direction as directions
 from . import update
 from ._internals.backpack import BackpropExtension
-from .curvature import EXACT_CURVATURES, make_curvature
+from .curvature import PER_SAMPLE_CURVATURES, make_curvature
 from .curvature import query as curvature_query
 from .curvature._common import dot, stack_on
 from .direction import Groups
@@ -102,7 +102,7 @@ class QuadraticLineSearch(Optimizer):
             for cls in POLICIES.values()
             if mode == "observe"
             and not isinstance(policy, cls)
-            and not (cls.noise and curvature in EXACT_CURVATURES)
+            and (curvature in PER_SAMPLE_CURVATURES or not cls.noise)
         ]
         self._policies: list[StepSizePolicy] = [policy, *others]
         self._noise = any(p.noise for p in self._policies)

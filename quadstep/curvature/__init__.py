@@ -17,6 +17,10 @@ from .exact import ExactCurvature
 CURVATURES: tuple[str, ...] = BackpackCurvature.NAMES + ExactCurvature.NAMES
 #: The curvatures that evaluate the model along d and need ``model=`` and ``loss_fn=``.
 EXACT_CURVATURES: tuple[str, ...] = ExactCurvature.NAMES
+#: The curvatures that also give per-sample gradient statistics (``second_moments``).
+PER_SAMPLE_CURVATURES: tuple[str, ...] = tuple(
+    name for cls in (BackpackCurvature, ExactCurvature) if cls.per_sample for name in cls.NAMES
+)
 
 
 def make_curvature(
@@ -30,13 +34,13 @@ def make_curvature(
     """
     if name not in CURVATURES:
         raise ValueError(f"Invalid curvature: {name!r} (choose one of {', '.join(map(repr, CURVATURES))})")
+    if moments and name not in PER_SAMPLE_CURVATURES:
+        raise ValueError(
+            f"curvature={name!r} gives no per-sample gradient statistics, which step_size='corrected' "
+            f"needs; use one that does ({', '.join(map(repr, PER_SAMPLE_CURVATURES))}) with it, or "
+            "step_size='lagged', which needs none."
+        )
     if name in EXACT_CURVATURES:
-        if moments:
-            raise ValueError(
-                f"curvature={name!r} gives no per-sample gradient statistics, which step_size='corrected' "
-                "needs; use a BackPACK curvature ('hessian', 'ggn', 'pch-clip', 'pch-abs') with it, or "
-                "step_size='lagged', which needs none."
-            )
         return ExactCurvature(name, model, loss_fn)
     return BackpackCurvature(name, model=model, moments=moments)
 
@@ -44,6 +48,7 @@ def make_curvature(
 __all__ = [
     "CURVATURES",
     "EXACT_CURVATURES",
+    "PER_SAMPLE_CURVATURES",
     "BackpackCurvature",
     "Curvature",
     "ExactCurvature",
