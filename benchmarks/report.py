@@ -494,7 +494,9 @@ def _mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
     return out
 
 
-def _rolling_median(values: Sequence[float], window: int) -> list[float]:
+def _rolling_median(values: Sequence[float], window: int | None = None) -> list[float]:
+    """The median of the finite values in each trailing window (default: a 50th of the curve, at least 5)."""
+    window = window or max(len(values) // 50, 5)
     out = []
     for i in range(len(values)):
         x = sorted(v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v))
@@ -502,8 +504,10 @@ def _rolling_median(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _lr_grid_lines(ax: Any, lr_grid: Sequence[float], best_lr: float | None) -> None:
-    """Adam's lr grid as labelled horizontal lines, the best lr in black."""
+def _against_lr_grid(ax: Any, lr_grid: Sequence[float], best_lr: float | None, ylabel: str, title: str) -> None:
+    """Log-scale step-size curves over steps, with Adam's lr grid as labelled horizontal lines, the
+    best lr in black."""
+    ax.set(yscale="log", xlabel="step", ylabel=ylabel, title=title)
     for lr in lr_grid:
         best = lr == best_lr
         ax.axhline(lr, color="black" if best else "gray", ls="-" if best else "--", lw=1.6 if best else 0.6)
@@ -633,15 +637,12 @@ def _alpha_plot(
         curves = [c for c in curves if any(math.isfinite(v) for v in c)]
         if curves:
             medians = _median_curve(curves)
-            curve = _rolling_median(medians, max(len(medians) // 50, 5))
+            curve = _rolling_median(medians)
             ax.plot(curve, lw=1.4, **styles[i % len(styles)], label=runs[0]["label"])
-    _lr_grid_lines(ax, grid, best)
-    ax.set(
-        yscale="log",
-        xlabel="step",
-        ylabel="α* (rolling median over steps, median over seeds)",
-        title=f"{workload}: α* over steps against Adam's learning-rate grid",
-    )
+    _against_lr_grid(
+        ax, grid, best, "α* (rolling median over steps, median over seeds)",
+        f"{workload}: α* over steps against Adam's learning-rate grid",
+    )  # fmt: skip
 
 
 def _policy_plot(
@@ -658,15 +659,12 @@ def _policy_plot(
                 continue
             label = runs[0]["label"] if column == "alpha" else f"{runs[0]['label']}: {column[:-6]} proposes"
             style = {**styles[k % len(styles)], **({} if column == "alpha" else {"ls": ":"})}
-            ax.plot(_rolling_median(medians, max(len(medians) // 50, 5)), lw=1.4, **style, label=label)
+            ax.plot(_rolling_median(medians), lw=1.4, **style, label=label)
             k += 1
-    _lr_grid_lines(ax, grid, best)
-    ax.set(
-        yscale="log",
-        xlabel="step",
-        ylabel="α used / proposed (rolling median, median over seeds)",
-        title=f"{workload}: each step-size policy's α against Adam's learning-rate grid",
-    )
+    _against_lr_grid(
+        ax, grid, best, "α used / proposed (rolling median, median over seeds)",
+        f"{workload}: each step-size policy's α against Adam's learning-rate grid",
+    )  # fmt: skip
 
 
 def _alpha_dist_plot(
