@@ -81,6 +81,7 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
 
     direction = staticmethod(directions.adam)
     gain = staticmethod(directions.adam_gain)
+    in_place_update = staticmethod(directions.adam_update)
     decoupled_weight_decay = True
 
     def __init__(

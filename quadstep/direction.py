@@ -173,15 +173,21 @@ def _fusable(g: Tensor, state: dict[str, Any], amsgrad: bool = False, fp16: bool
 
 
 def _adam_fused(
-    group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]], finite: Tensor
+    group: dict[str, Any],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    finite: Tensor,
+    targets: list[Tensor] | None = None,
+    lr: Tensor | float = 1.0,
 ) -> list[Tensor]:
     """:func:`adam`'s direction in one pass over g, m and v: torch's fused Adam kernel steps the
-    "parameters" ``d = 0`` with ``lr = 1``, so they end at ``d``. With ``found_inf = 1`` (a
-    non-finite g) the kernel changes nothing: m and v stay as they were and ``d = 0``.
+    "parameters" ``d = 0`` with ``lr = 1``, so they end at ``d``; with ``targets`` it steps those
+    instead, by ``lr``, and returns them. With ``found_inf = 1`` (a non-finite g) the kernel changes
+    nothing: m, v and the targets stay as they were (``d = 0``).
     """
     beta1, beta2 = group["betas"]
     amsgrad = group.get("amsgrad", False)
-    ds = [torch.zeros_like(g) for g in grads]
+    ds = [torch.zeros_like(g) for g in grads] if targets is None else targets
     not_finite = (~finite).to(torch.float32)
     by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, g in enumerate(grads):
@@ -194,7 +200,7 @@ def _adam_fused(
             [states[i]["exp_avg_sq"] for i in idx],
             [states[i]["max_exp_avg_sq"] for i in idx] if amsgrad else [],
             [states[i]["step"] for i in idx],
-            lr=1.0,
+            lr=lr.to(device) if isinstance(lr, Tensor) else lr,
             beta1=beta1,
             beta2=beta2,
             weight_decay=0.0,
@@ -204,6 +210,50 @@ def _adam_fused(
             found_inf=not_finite.to(device),
         )
     return ds
+
+
+def adam_update(
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    finite: Tensor,
+    alpha: Tensor,
+) -> None:
+    r""":math:`\theta \leftarrow \theta + \alpha d` with :func:`adam`'s ``d``, for a step that keeps no
+    ``d``: where :func:`adam` runs the fused kernel, one pass of it over the parameters themselves
+    (the step of ``torch.optim.Adam(fused=True)`` with ``lr = alpha``), else :func:`adam`, then the
+    update. ``alpha`` is 0-dim (0 on a skipped step)."""
+    amsgrad, fused = group.get("amsgrad", False), group.get("fused")
+    ready = all(s and (not amsgrad or "max_exp_avg_sq" in s) for s in states)
+    if not (
+        ready
+        and fused is not False
+        and all(_fusable(g, s, amsgrad, bool(fused)) for g, s in zip(grads, states))
+    ):
+        return stepped(adam, group, params, grads, states, finite, alpha)
+    steps = [s["step"] for s in states]
+    torch_internals.foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
+    _adam_fused(group, grads, states, finite, targets=params, lr=alpha)
+    return None
+
+
+def stepped(
+    direction: Callable[..., list[Tensor]],
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    finite: Tensor,
+    alpha: Tensor,
+) -> None:
+    r""":math:`\theta \leftarrow \theta + \alpha d` with ``d = direction(...)``: the in-place update of a
+    direction that has no one-pass kernel."""
+    cast: dict[torch.dtype, Tensor] = {}
+    for p, d in zip(params, direction(group, params, grads, states, finite)):
+        if p.dtype not in cast:
+            cast[p.dtype] = alpha.to(p.dtype)
+        p.addcmul_(d, cast[p.dtype])
 
 
 def sgd(
@@ -272,13 +322,17 @@ def of_groups(
 
     A non-finite gᵀg marks a gradient with NaN/Inf: the states are then left as they were.
     """
-    params = [p for _, ps in groups for p in ps]
-    grad_sq = stack_on([dot(p.grad, p.grad) for p in params], params[0].device).sum()
+    grad_sq = squared_norm([p for _, ps in groups for p in ps])
     finite = torch.isfinite(grad_sq)
     ds: list[Tensor] = []
     for group, ps in groups:
         ds += direction(group, ps, gradients(group, ps), [state_of(p) for p in ps], finite)
     return ds, grad_sq
+
+
+def squared_norm(params: list[Tensor]) -> Tensor:
+    """gᵀg of the parameters' plain gradients (0-dim): NaN/Inf marks a gradient with NaN/Inf."""
+    return stack_on([dot(p.grad, p.grad) for p in params], params[0].device).sum()
 
 
 def maximizing(groups: Groups) -> bool:

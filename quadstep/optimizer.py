@@ -66,6 +66,9 @@ class QuadraticLineSearch(Optimizer):
     direction: Callable[..., list[Tensor]]
     gain: Callable[[dict[str, Any], list[dict[str, Any]]], list[tuple[Tensor, Tensor | None]]]
     decoupled_weight_decay: bool
+    #: θ ← θ + α d in one pass, for a step that keeps no d (:func:`quadstep.direction.adam_update`);
+    #: None: the direction, then the update.
+    in_place_update: Callable[..., None] | None = None
 
     #: ``alpha_max`` of a policy given by name when none is set (None: the policy's own).
     default_alpha_max: float | None = None
@@ -159,8 +162,10 @@ class QuadraticLineSearch(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         r"""Direction → curvature → step size → :math:`\theta \leftarrow \theta + \alpha d`, all or nothing:
-        if anything raises, parameters, state, policy states and history are as before (on a step that
-        queries no curvature, only quadstep's own arithmetic follows the direction, uncopied).
+        if anything raises, parameters, state, policy states and history are as before. A step that
+        keeps no d_t (``every > 1``, see :meth:`_forms`) changes the state only in its last operation,
+        the direction and the update in one pass; on a step that queries no curvature, only quadstep's
+        own arithmetic follows the direction, uncopied; on any other the state is copied first.
 
         Args:
             closure: optional; re-evaluates the model and calls ``loss.backward()``, inside the
@@ -179,14 +184,21 @@ class QuadraticLineSearch(Optimizer):
         try:
             # d_{t-1} alone: queried before the direction changes any state; d_t: after, from a copy.
             local = None if "current" in sets else self._query(params, [], sets, release=True)
-            saved = update.saved(self.state, params) if sets else None
-            ds, grad_sq = self._directions(groups, self.state.__getitem__)
+            formed = self._forms(t)
+            saved = update.saved(self.state, params) if sets and formed else None
+            if formed:
+                ds, grad_sq = self._directions(groups, self.state.__getitem__)
+            else:  # d_t goes straight into the update, the last thing the step does
+                ds, grad_sq = None, directions.squared_norm(params)
             local = self._query(params, ds, sets) if local is None else local
             measured, blocks = self._measurement(groups, ds, grad_sq, local, maximize)
             proposals, policy_states = self._propose(measured)
             alphas, per_param, shrinks, rule = self._step_sizes(groups, measured, proposals[0], blocks)
             record = self._record(t, measured, proposals, alphas, rule)
-            update.apply(groups, ds, per_param, shrinks, self.state if self.per_block else None)
+            if ds is None:
+                self._update_in_place(groups, alphas, shrinks, torch.isfinite(grad_sq))
+            else:
+                update.apply(groups, ds, per_param, shrinks, self.state if self.per_block else None)
         except BaseException:
             if saved is not None:
                 update.restore(self.state, saved)
@@ -217,12 +229,28 @@ class QuadraticLineSearch(Optimizer):
         current = ("current",) if self.mode == "observe" or self.per_block or self.policy.current else ()
         return current + (("previous",) if self._previous else ())
 
+    def _forms(self, step: int) -> bool:
+        """Whether step ``step`` forms d_t as a tensor of its own: to query the curvature along it, to
+        keep it for the next step's lagged query, or to give each block its alpha (``per_block``)."""
+        return "current" in self._queried(step) or (self._lagged and self.measures(step + 1)) or self.per_block
+
     def _directions(
         self, groups: Groups, state_of: Callable[[Tensor], dict[str, Any]]
     ) -> tuple[list[Tensor], Tensor]:
         """:func:`~quadstep.direction.of_groups` with this optimizer's direction and weight decay."""
-        gradients = functools.partial(update.gradients, coupled=not self.decoupled_weight_decay)
-        return directions.of_groups(self.direction, groups, state_of, gradients)
+        return directions.of_groups(self.direction, groups, state_of, self._gradients)
+
+    def _gradients(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """:func:`~quadstep.update.gradients` with this optimizer's weight decay."""
+        return update.gradients(group, params, coupled=not self.decoupled_weight_decay)
+
+    def _update_in_place(
+        self, groups: Groups, alphas: Tensor, shrinks: list[Tensor | None], finite: Tensor
+    ) -> None:
+        """The direction and the update in one go (:func:`~quadstep.update.in_place`), with
+        :attr:`in_place_update` where the subclass has a one-pass kernel, else the direction, then the update."""
+        step = self.in_place_update or functools.partial(directions.stepped, self.direction)
+        update.in_place(groups, step, self._gradients, self.state.__getitem__, alphas, shrinks, finite)
 
     def _query(
         self, params: list[Tensor], ds: list[Tensor], sets: tuple[str, ...], release: bool = False
@@ -242,18 +270,29 @@ class QuadraticLineSearch(Optimizer):
     ) -> tuple[Tensor, list[Tensor], list[Tensor | None], StepSize]:
         """:func:`~quadstep.update.step_sizes`: within the policy's clip (scale mode), or the lr (observe)."""
         bounds = (self.alpha_min, self.alpha_max) if self.mode == "scale" else None
-        return update.step_sizes(groups, measured, proposal, blocks, bounds, self.decoupled_weight_decay)
+        formed = self._forms(self._steps + 1)
+        wd = self.decoupled_weight_decay
+        return update.step_sizes(groups, measured, proposal, blocks, bounds, wd, formed)
 
     _average_over_ranks = staticmethod(curvature_query.average_over_ranks)
 
     def _measurement(
-        self, groups: Groups, ds: list[Tensor], grad_sq: Tensor, local: dict[str, Tensor], maximize: bool
+        self,
+        groups: Groups,
+        ds: list[Tensor] | None,
+        grad_sq: Tensor,
+        local: dict[str, Tensor],
+        maximize: bool,
     ) -> tuple[Measurement, tuple[Tensor, Tensor] | None]:
         """What the policies are given, every rank's terms averaged in one all-reduce (the batch noise
         :func:`~quadstep.curvature.query.batch_noise` too, for a noise-correcting policy on a measuring
-        step); with ``maximize`` those of the objective -L (gradient -g, curvature -C)."""
+        step); with ``maximize`` those of the objective -L (gradient -g, curvature -C). dᵀg is NaN
+        where no direction was formed (``ds`` None)."""
         params = [p for _, ps in groups for p in ps]
-        block_dg = stack_on([dot(d, p.grad) for d, p in zip(ds, params)], grad_sq.device)
+        if ds is None:
+            block_dg = torch.full_like(grad_sq, math.nan)
+        else:
+            block_dg = stack_on([dot(d, p.grad) for d, p in zip(ds, params)], grad_sq.device)
         noisy = self._noise and "current" in local
         if noisy:
             terms = curvature_query.noise_terms(self._curvature, self.gain, groups, self.state)

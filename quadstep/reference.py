@@ -101,7 +101,8 @@ def reference_run(
     alpha_max: float = 0.1, beta: float = 0.99, weight_decay: float = 0.0, maximize: bool = False, **kw: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
     r"""Per step: the parameters after it, ``d``, ``alpha_star`` :math:`= -d^\top g / d^\top C d` (NaN unless
-    queried), the ``alpha`` taken, ``dg``, ``dcd``, the lagged ``slope`` :math:`s_t = d_{t-1}^\top g_t` and
+    queried), the ``alpha`` taken, ``dg`` (NaN where d is neither queried nor kept for a lagged query),
+    ``dcd``, the lagged ``slope`` :math:`s_t = d_{t-1}^\top g_t` and
     ``lagged_dcd`` :math:`q_t = d_{t-1}^\top C_t d_{t-1}`, and the policy's ``proposal`` (NaN: lr is used).
     ``kw``: Adam's ``betas``, ``eps``, ``amsgrad``; SGD's ``momentum``, ``dampening``, ``nesterov``."""
     theta = {k: v.detach().clone() for k, v in params.items()}
@@ -143,6 +144,8 @@ def reference_run(
         shrink = 1 - lr * weight_decay if direction == "adam" else 1.0  # AdamW's decoupled decay
         theta = {k: shrink * theta[k] + step * d[k] for k in theta}
         prev_d, prev_alpha = d, step
-        out.append({"params": theta, "d": d, "alpha_star": alpha_star, "alpha": step, "dg": dg, "dcd": dcd,
-                    "slope": slope, "lagged_dcd": q, "proposal": proposal})  # fmt: skip
+        # dᵀg is known where d_t is formed: queried along, or kept for the next step's lagged query
+        formed = current or (t % every == 0 and (mode == "observe" or policy == "lagged"))
+        out.append({"params": theta, "d": d, "alpha_star": alpha_star, "alpha": step, "dg": dg if formed else nan,
+                    "dcd": dcd, "slope": slope, "lagged_dcd": q, "proposal": proposal})  # fmt: skip
     return out

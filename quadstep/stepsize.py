@@ -88,15 +88,17 @@ def quadratic_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor, alpha_min: float, a
     return StepSize(alpha_star, alpha, defined, skip, code)
 
 
-def unmeasured_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor) -> StepSize:
+def unmeasured_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor, formed: bool = True) -> StepSize:
     r""":func:`quadratic_step` of a step that queried no curvature (``dcd`` NaN, 0-dim), in a few ops
     instead of two dozen: :math:`\alpha^*` is NaN and undefined, and of the statuses only those ahead
-    of ``non-finite-curvature``, which always holds, can come first."""
+    of ``non-finite-curvature``, which always holds, can come first. Without a ``formed`` direction
+    (``dg`` NaN: d went straight into the update) ``non-finite-direction`` is not judged."""
     alpha_star = -dg / dcd
+    bad_direction = dg.isfinite().logical_not_() if formed else torch.zeros_like(grad_sq, dtype=torch.bool)
     first = torch.where(
         grad_sq.isfinite().logical_not_(),
         0,
-        torch.where(dg.isfinite().logical_not_(), 1, torch.where(grad_sq == 0, 2, 3)),
+        torch.where(bad_direction, 1, torch.where(grad_sq == 0, 2, 3)),
     )
     never = torch.zeros_like(first, dtype=torch.bool)
     return StepSize(alpha_star, torch.full_like(dg, math.nan), never, first < _FIRST_STEPPING, first + 1)
@@ -118,7 +120,8 @@ class Measurement(NamedTuple):
     r"""What one step measured, handed to a policy (0-dim tensors on one device).
 
     ``dg``, ``dcd``: :math:`d_t^\top g_t` and :math:`d_t^\top C_t d_t` along the current direction
-    (``dcd`` is NaN when ``measured`` is False). ``slope``, ``lagged_dcd``: :math:`s_t = d_{t-1}^\top g_t`
+    (``dcd`` is NaN when ``measured`` is False; ``dg`` too on a step that neither measures nor keeps
+    :math:`d_t` for the next one, whose direction goes straight into the update). ``slope``, ``lagged_dcd``: :math:`s_t = d_{t-1}^\top g_t`
     and :math:`q_t = d_{t-1}^\top C_t d_{t-1}` along the previous direction, and ``previous_alpha``
     :math:`\alpha_{t-1}`, the step size taken along it (NaN unless ``lagged``). ``grad_sq``:
     :math:`g^\top g`, NaN/Inf for a non-finite gradient. ``noise``: the estimate
@@ -230,7 +233,7 @@ class Greedy(StepSizePolicy):
 
 
 class _Averaged(StepSizePolicy):
-    """A ratio of exponential moving averages, :math:`\alpha = \mathrm{EMA}_\beta(n)/\mathrm{EMA}_\beta(q)`,
+    r"""A ratio of exponential moving averages, :math:`\alpha = \mathrm{EMA}_\beta(n)/\mathrm{EMA}_\beta(q)`,
     clipped: the state and the arithmetic :class:`Lagged` and :class:`Corrected` share."""
 
     def __init__(self, beta: float = 0.99, alpha_min: float = 0.0, alpha_max: float = 0.1) -> None:

@@ -5,6 +5,7 @@ the state that makes a failed step change nothing."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,15 +34,17 @@ def step_sizes(
     blocks: tuple[Tensor, Tensor] | None,
     bounds: tuple[float, float] | None,
     decoupled_weight_decay: bool,
+    formed: bool = True,
 ) -> tuple[Tensor, list[Tensor], list[Tensor | None], StepSize]:
     """The alpha of each group, of each parameter, each group's weight-decay factor, and the greedy
     rule's verdict on alpha* (for the record). Scale mode (``bounds``: the policy's clip): the policy's
-    alpha, the group's lr where it has none; observe mode (``bounds`` None): the lr; 0 on a skipped step."""
+    alpha, the group's lr where it has none; observe mode (``bounds`` None): the lr; 0 on a skipped step.
+    ``formed``: whether the direction was formed (else dᵀg is unknown, see :func:`unmeasured_step`)."""
     scale, clip = bounds is not None, bounds or (0.0, math.inf)
     if measured.measured:
         rule = quadratic_step(measured.dg, measured.dcd, measured.grad_sq, *clip)
     else:
-        rule = unmeasured_step(measured.dg, measured.dcd, measured.grad_sq)
+        rule = unmeasured_step(measured.dg, measured.dcd, measured.grad_sq, formed)
     block_rule = None if blocks is None else quadratic_step(*blocks, measured.grad_sq, *clip)
     alphas, per_param, shrinks = [], [], []
     for group, ps in groups:
@@ -82,6 +85,28 @@ def apply(
                 p.mul_(shrink.to(p.dtype))
             p.addcmul_(ds[k], cast[key])  # alpha = 0 on a skipped step; d is finite
             k += 1
+
+
+def in_place(
+    groups: Groups,
+    step: Callable[..., None],
+    gradients: Callable[[dict[str, Any], list[Tensor]], list[Tensor]],
+    state_of: Callable[[Tensor], dict[str, Any]],
+    alphas: Tensor,
+    shrinks: list[Tensor | None],
+    finite: Tensor,
+) -> None:
+    r""":math:`\theta \leftarrow (1 - \mathrm{lr}\,\lambda)\,\theta + \alpha d` for a step that keeps no
+    ``d``: ``step(group, params, grads, states, finite, alpha)`` moves each group's direction state and
+    parameters in one go (:func:`quadstep.direction.adam_update`)."""
+    for (group, ps), alpha, shrink in zip(groups, alphas, shrinks):
+        if not ps:
+            continue
+        grads = gradients(group, ps)
+        if shrink is not None:
+            for p in ps:
+                p.mul_(shrink.to(p.dtype))
+        step(group, ps, grads, [state_of(p) for p in ps], finite, alpha)
 
 
 def saved(state: dict[Tensor, dict[str, Any]], params: list[Tensor]) -> SavedState:

@@ -145,12 +145,23 @@ def test_each_optimizer_entry_runs(sub: Submission) -> None:
     _finite_row(result.row)
     assert all(math.isfinite(r["loss"]) for r in result.log)
     if sub.is_quadstep:  # Q is positive definite and θ far from the optimum: the model has a minimum
-        assert all(r["dg"] < 0 for r in result.log)
-        assert all(math.isfinite(r[k]) for r in result.log for k in ("alpha", "dg"))
+        # d_t is formed where it is queried (greedy, corrected, observe) or kept for a lagged query next
+        observe = sub.mode == "observe"
+        current, kept = observe or sub.step_size != "lagged", observe or sub.step_size == "lagged"
+        formed = {
+            t
+            for t in range(1, steps + 1)
+            if (current and (t - 1) % sub.every == 0) or (kept and t % sub.every == 0)
+        }
+        assert {r["step"] for r in result.log if math.isfinite(r["dg"])} == formed
+        assert all(r["dg"] < 0 for r in result.log if r["step"] in formed)
+        assert all(math.isfinite(r["alpha"]) for r in result.log)
         # the curvature along d_t (greedy, observe) or d_{t-1} (lagged, from step 2), on measuring steps
         lagged = sub.mode == "scale" and sub.step_size == "lagged"
         key, status = ("lagged_dHd", "policy_status") if lagged else ("dHd", "status")
-        measuring = [r for r in result.log if (r["step"] - 1) % sub.every == 0 and (not lagged or r["step"] > 1)]
+        measuring = [
+            r for r in result.log if (r["step"] - 1) % sub.every == 0 and (not lagged or r["step"] > 1)
+        ]
         assert measuring and all(r[key] > 0 and r[status] in report.DEFINED for r in measuring)
         if not lagged and sub.every == 1:
             assert result.row["alpha_star_defined"] == 1.0
@@ -237,12 +248,20 @@ def test_cli_writes_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         log = _read_csv(out / "logs" / f"{workload}.csv")
         assert set(runner.LOG_COLUMNS) == set(log[0])
         quad = [r for r in log if "quadstep" in r["run_id"]]
-        assert quad and all(math.isfinite(float(r[k])) for r in quad for k in ("loss", "alpha", "dg"))
+        assert quad and all(math.isfinite(float(r[k])) for r in quad for k in ("loss", "alpha"))
+        # d_t is formed on every step of every=1 (on those of every=k only where it is queried or kept)
+        assert all(math.isfinite(float(r["dg"])) for r in quad if "_every" not in r["run_id"])
         # every step queries d_t: greedy and corrected every step, and observe mode
-        current = [r for r in quad if r["run_id"].endswith(("_greedy__s0", "_greedy__s1", "_corrected__s0",
-                                                               "_corrected__s1")) or "_observe_" in r["run_id"]]
+        current = [
+            r
+            for r in quad
+            if r["run_id"].endswith(("_greedy__s0", "_greedy__s1", "_corrected__s0", "_corrected__s1"))
+            or "_observe_" in r["run_id"]
+        ]
         assert current and all(math.isfinite(float(r["dHd"])) for r in current)
-        lagged = [r for r in quad if r["run_id"].endswith(("_lagged__s0", "_lagged__s1")) and int(r["step"]) > 1]
+        lagged = [
+            r for r in quad if r["run_id"].endswith(("_lagged__s0", "_lagged__s1")) and int(r["step"]) > 1
+        ]
         assert lagged and all(math.isfinite(float(r["lagged_dHd"])) for r in lagged)
 
     text = (out / "metadata.json").read_text()
@@ -394,6 +413,8 @@ def test_probe_subcommand_writes_steps_table_and_plot(tmp_path: Path) -> None:
     assert (out / "summary.md").read_text() == table
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["config"]["curvature"] == "ggn-exact" and meta["workloads"]["quadratic"]["steps"] == steps
+
+
 @pytest.mark.slow
 def test_overhead_benchmark_writes_its_table(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """``python -m benchmarks overhead`` on a tiny setting: one row per contender, finite ratios, and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -202,6 +203,57 @@ def test_a_step_that_raises_changes_nothing(stage: str, curvature: str, step_siz
     opt.step()
     for p, q in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("failing", "stage"), [(4, "curvature"), (4, "policy"), (4, "record"), (5, "policy"), (5, "record")]
+)
+@pytest.mark.parametrize("curvature", ["hessian", "ggn-exact"])
+def test_a_step_that_keeps_no_direction_and_raises_changes_nothing(failing: int, stage: str, curvature: str) -> None:
+    """every=3, lagged: step 4 measures along d_3 and keeps no d_4, step 5 neither measures nor keeps
+    d_5; both move the state only in their last operation (the direction and the update in one
+    pass), so a failure before it leaves everything bit for bit as it was, uncopied, and the retry
+    steps exactly as an optimizer that never failed."""
+
+    def build(model: nn.Module, loss_fn: nn.Module) -> QuadraticLineSearchAdam:
+        return QuadraticLineSearchAdam(
+            model.parameters(), lr=1e-2, curvature=curvature, step_size="lagged", every=3, model=model,
+            loss_fn=loss_fn,
+        )  # fmt: skip
+
+    def backward(m: nn.Module, o: QuadraticLineSearchAdam, lf: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        o.zero_grad()
+        with backpack(o.extension()) if curvature in BACKPACK else contextlib.nullcontext():
+            lf(m(x), y).backward()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    loss_fn, twin_loss = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+    if curvature in BACKPACK:
+        model, loss_fn, twin_loss = extend(model), extend(loss_fn), extend(twin_loss)
+    twin_model = copy.deepcopy(model)
+    opt, twin = build(model, loss_fn), build(twin_model, twin_loss)
+    batches = [(torch.randn(8, 4), torch.randn(8, 2).argmax(1)) for _ in range(failing)]
+    for x, y in batches[:-1]:
+        backward(model, opt, loss_fn, x, y)
+        opt.step()
+    before = _snapshot(opt, model)
+    x, y = batches[-1]
+    backward(model, opt, loss_fn, x, y)
+    assert not opt._forms(failing)
+    with pytest.MonkeyPatch.context() as mp:
+        STAGES[stage](opt, mp)
+        with pytest.raises(Injected):
+            opt.step()
+    _assert_same(_snapshot(opt, model), before)
+    for x2, y2 in batches:
+        backward(twin_model, twin, twin_loss, x2, y2)
+        twin.step()
+    backward(model, opt, loss_fn, x, y)
+    opt.step()
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+    assert math.isnan(float(opt.history[-1].dg)) and float(opt.history[-1].alpha) == float(twin.history[-1].alpha)
 
 
 @pytest.mark.parametrize(
