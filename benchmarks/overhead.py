@@ -29,8 +29,9 @@ not count (use it with ``--threads 1``; with more threads it sums their CPU time
 
 Peak memory: the most bytes of CPU tensors alive at once, counted from the allocator's own
 reports to :mod:`torch.profiler` (``profile_memory=True``): every allocation and free made
-while a fresh copy of the model and its optimizer are built and run for a few steps, summed in
-time order. This counts parameters, gradients, optimizer state, activations, everything
+while a fresh copy of the model and its optimizer are built and run for ``--memory-steps`` steps
+(at least ``K + 2`` for ``NAME@K``: through the step after a full cycle, which holds a lagged
+policy's first measurement along d_{t-1}), summed in time order. This counts parameters, gradients, optimizer state, activations, everything
 BackPACK keeps, and temporaries — everything but the input batch, which both sides share.
 Process RSS would mostly show the allocator's and the interpreter's reserves instead.
 
@@ -255,7 +256,12 @@ def run_problem(
             _steps(runnable[i][1], x, y, steps)
             seconds[i].append((clock() - start) / steps)
 
-    peaks = [peak_bytes(entry, template, x, y, memory_steps) for entry, _ in runnable]
+    peaks = [
+        peak_bytes(
+            entry, template, x, y, max(memory_steps, _policy(entry.policy)[1] + 2 if entry.policy else 0)
+        )
+        for entry, _ in runnable
+    ]
     return [
         Result(
             problem=problem.name,

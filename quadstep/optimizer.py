@@ -183,14 +183,16 @@ class QuadraticLineSearch(Optimizer):
         maximize, saved = directions.maximizing(groups), None
         try:
             # d_{t-1} alone: queried before the direction changes any state; d_t: after, from a copy.
-            local = None if "current" in sets else self._query(params, [], sets, release=True)
+            early = "current" not in sets and self._checks(t)  # the products are freed before d_t is formed
+            local = self._query(params, [], sets, release=True) if early else None
             formed = self._forms(t)
             saved = update.saved(self.state, params) if sets and formed else None
             if formed:
                 ds, grad_sq = self._directions(groups, self.state.__getitem__)
             else:  # d_t goes straight into the update, the last thing the step does
                 ds, grad_sq = None, directions.squared_norm(params)
-            local = self._query(params, ds, sets) if local is None else local
+            if local is None:
+                local = self._query(params, ds, sets) if sets else {}
             measured, blocks = self._measurement(groups, ds, grad_sq, local, maximize)
             proposals, policy_states = self._propose(measured)
             alphas, per_param, shrinks, rule = self._step_sizes(groups, measured, proposals[0], blocks)
@@ -232,7 +234,9 @@ class QuadraticLineSearch(Optimizer):
     def _forms(self, step: int) -> bool:
         """Whether step ``step`` forms d_t as a tensor of its own: to query the curvature along it, to
         keep it for the next step's lagged query, or to give each block its alpha (``per_block``)."""
-        return "current" in self._queried(step) or (self._lagged and self.measures(step + 1)) or self.per_block
+        return (
+            "current" in self._queried(step) or (self._lagged and self.measures(step + 1)) or self.per_block
+        )
 
     def _directions(
         self, groups: Groups, state_of: Callable[[Tensor], dict[str, Any]]

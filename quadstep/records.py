@@ -90,16 +90,21 @@ class StepRecord:
             alpha_star,
             dg,
             dHd,
-            status_code.to(dtype),
-            (status_code if policy_status is None else policy_status).to(dtype),
+            status_code,
+            status_code if policy_status is None else policy_status,
             torch.full_like(alpha_star, float(measured)),
-            nan if slope is None else slope.to(dtype),
-            nan if lagged_dHd is None else lagged_dHd.to(dtype),
+            nan if slope is None else slope,
+            nan if lagged_dHd is None else lagged_dHd,
             torch.full_like(alpha_star, len(alphas)),
             torch.full_like(alpha_star, len(proposals)),
         ]
-        head += [v.to(dtype) for triple in proposals.values() for v in triple]
-        return cls(step, torch.cat([torch.stack(head), alphas.to(dtype)]), tuple(proposals))
+        head += [v for triple in proposals.values() for v in triple]
+        head = [v if v.dtype == dtype else v.to(dtype) for v in head]
+        return cls(
+            step,
+            torch.cat([torch.stack(head), alphas if alphas.dtype == dtype else alphas.to(dtype)]),
+            tuple(proposals),
+        )
 
     @property
     def alpha_star(self) -> Tensor:

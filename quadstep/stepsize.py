@@ -94,12 +94,10 @@ def unmeasured_step(dg: Tensor, dcd: Tensor, grad_sq: Tensor, formed: bool = Tru
     of ``non-finite-curvature``, which always holds, can come first. Without a ``formed`` direction
     (``dg`` NaN: d went straight into the update) ``non-finite-direction`` is not judged."""
     alpha_star = -dg / dcd
-    bad_direction = dg.isfinite().logical_not_() if formed else torch.zeros_like(grad_sq, dtype=torch.bool)
-    first = torch.where(
-        grad_sq.isfinite().logical_not_(),
-        0,
-        torch.where(bad_direction, 1, torch.where(grad_sq == 0, 2, 3)),
-    )
+    first = torch.where(grad_sq == 0, 2, 3)
+    if formed:
+        first = torch.where(dg.isfinite(), first, 1)
+    first = torch.where(grad_sq.isfinite(), first, 0)
     never = torch.zeros_like(first, dtype=torch.bool)
     return StepSize(alpha_star, torch.full_like(dg, math.nan), never, first < _FIRST_STEPPING, first + 1)
 
