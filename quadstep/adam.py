@@ -82,6 +82,7 @@ class QuadraticLineSearchAdam(QuadraticLineSearch):
     direction = staticmethod(directions.adam)
     gain = staticmethod(directions.adam_gain)
     in_place_update = staticmethod(directions.adam_update)
+    preview = staticmethod(directions.adam_preview)
     decoupled_weight_decay = True
 
     def __init__(

@@ -212,6 +212,61 @@ def _adam_fused(
     return ds
 
 
+def adam_preview(
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    finite: Tensor,
+) -> tuple[list[Tensor], Callable[[], None]] | None:
+    r""":func:`adam`'s ``d`` without changing the state, and the commit that then moves the state; None
+    where the fused kernel does not run, or a state is yet to be created (copy the state instead).
+
+    The kernel runs on copies of the moments, a slice of about a quarter of the group's entries at a
+    time, so the copies hold about half its parameters' size at most. The commit runs it on the moments
+    themselves with ``d`` as the "parameters" and ``lr = 0``, which leaves ``d`` as it is: in place,
+    allocating nothing, and the moments end as the copies did.
+    """
+    amsgrad, fused = group.get("amsgrad", False), group.get("fused")
+    ready = all(s and (not amsgrad or "max_exp_avg_sq" in s) for s in states)
+    if not (
+        ready
+        and fused is not False
+        and all(_fusable(g, s, amsgrad, bool(fused)) for g, s in zip(grads, states))
+    ):
+        return None
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    ds = [torch.zeros_like(g) for g in grads]
+    # Slices start at multiples of 64 entries (cache lines): the kernel's vector loop then splits each
+    # slice as it splits the whole tensor, and the copies end bit for bit as the moments will.
+    budget = -(-max(sum(g.numel() for g in grads) // 4, 1 << 16) // 64) * 64
+    pieces = [
+        (i, start, min(start + budget, g.numel()))
+        for i, g in enumerate(grads)
+        for start in range(0, g.numel(), budget)
+    ]
+    steps = [s["step"] + finite.to(torch.float32) for s in states]
+    while pieces:
+        batch, held = [], 0
+        while pieces and (not batch or held + pieces[0][2] - pieces[0][1] <= budget):
+            batch.append(pieces.pop(0))
+            held += batch[-1][2] - batch[-1][1]
+        cut = [(i, slice(a, b)) for i, a, b in batch]
+        copies = [
+            {k: states[i][k].view(-1)[where].clone() for k in keys} | {"step": steps[i]} for i, where in cut
+        ]
+        _adam_fused(
+            group, [grads[i].view(-1)[where] for i, where in cut], copies, finite,
+            targets=[ds[i].view(-1)[where] for i, where in cut],
+        )  # fmt: skip
+
+    def commit() -> None:
+        torch_internals.foreach_add_([s["step"] for s in states], [finite.to(torch.float32)] * len(states))
+        _adam_fused(group, grads, states, finite, targets=ds, lr=0.0)
+
+    return ds, commit
+
+
 def adam_update(
     group: dict[str, Any],
     params: list[Tensor],
@@ -333,6 +388,37 @@ def of_groups(
 def squared_norm(params: list[Tensor]) -> Tensor:
     """gᵀg of the parameters' plain gradients (0-dim): NaN/Inf marks a gradient with NaN/Inf."""
     return stack_on([dot(p.grad, p.grad) for p in params], params[0].device).sum()
+
+
+#: d, gᵀg, and the commit that moves the direction's state (:func:`previewed`).
+Previewed = tuple[list[Tensor], Tensor, Callable[[], None]]
+
+
+def previewed(
+    preview: Callable[..., tuple[list[Tensor], Callable[[], None]] | None],
+    groups: Groups,
+    state_of: Callable[[Tensor], dict[str, Any]],
+    gradients: Callable[[dict[str, Any], list[Tensor]], list[Tensor]],
+) -> Previewed | None:
+    """:func:`of_groups` by ``preview`` (e.g. :func:`adam_preview`): no state changes until the returned
+    commit runs; None where a group has no preview (nothing has changed then either)."""
+    params = [p for _, ps in groups for p in ps]
+    grad_sq = squared_norm(params)
+    finite = torch.isfinite(grad_sq)
+    ds: list[Tensor] = []
+    commits: list[Callable[[], None]] = []
+    for group, ps in groups:
+        out = preview(group, ps, gradients(group, ps), [state_of(p) for p in ps], finite)
+        if out is None:
+            return None
+        ds += out[0]
+        commits.append(out[1])
+
+    def commit() -> None:
+        for each in commits:
+            each()
+
+    return ds, grad_sq, commit
 
 
 def maximizing(groups: Groups) -> bool:

@@ -69,6 +69,9 @@ class QuadraticLineSearch(Optimizer):
     #: θ ← θ + α d in one pass, for a step that keeps no d (:func:`quadstep.direction.adam_update`);
     #: None: the direction, then the update.
     in_place_update: Callable[..., None] | None = None
+    #: d without changing the state, and the commit that moves it (:func:`quadstep.direction.adam_preview`);
+    #: None: the state is copied before the direction instead.
+    preview: Callable[..., tuple[list[Tensor], Callable[[], None]] | None] | None = None
 
     #: ``alpha_max`` of a policy given by name when none is set (None: the policy's own).
     default_alpha_max: float | None = None
@@ -163,9 +166,10 @@ class QuadraticLineSearch(Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         r"""Direction → curvature → step size → :math:`\theta \leftarrow \theta + \alpha d`, all or nothing:
         if anything raises, parameters, state, policy states and history are as before. A step that
-        keeps no d_t (``every > 1``, see :meth:`_forms`) changes the state only in its last operation,
-        the direction and the update in one pass; on a step that queries no curvature, only quadstep's
-        own arithmetic follows the direction, uncopied; on any other the state is copied first.
+        queries the curvature forms d_t from the direction's :attr:`preview`, which changes no state,
+        and moves the state only at the end, in place (else from a copy of the state); a step that keeps
+        no d_t (``every > 1``, see :meth:`_forms`) runs the direction and the update in one pass, last;
+        on any other step only quadstep's own arithmetic follows the direction, uncopied.
 
         Args:
             closure: optional; re-evaluates the model and calls ``loss.backward()``, inside the
@@ -186,11 +190,14 @@ class QuadraticLineSearch(Optimizer):
             early = "current" not in sets and self._checks(t)  # the products are freed before d_t is formed
             local = self._query(params, [], sets, release=True) if early else None
             formed = self._forms(t)
-            saved = update.saved(self.state, params) if sets and formed else None
-            if formed:
-                ds, grad_sq = self._directions(groups, self.state.__getitem__)
+            previewed = self._preview(groups, params) if sets and formed else None
+            saved = update.saved(self.state, params) if sets and formed and previewed is None else None
+            if previewed is not None:  # the state moves in the commit, just before the update
+                ds, grad_sq, commit = previewed
+            elif formed:
+                (ds, grad_sq), commit = self._directions(groups, self.state.__getitem__), None
             else:  # d_t goes straight into the update, the last thing the step does
-                ds, grad_sq = None, directions.squared_norm(params)
+                ds, grad_sq, commit = None, directions.squared_norm(params), None
             if local is None:
                 local = self._query(params, ds, sets) if sets else {}
             measured, blocks = self._measurement(groups, ds, grad_sq, local, maximize)
@@ -200,6 +207,8 @@ class QuadraticLineSearch(Optimizer):
             if ds is None:
                 self._update_in_place(groups, alphas, shrinks, torch.isfinite(grad_sq))
             else:
+                if commit is not None:
+                    commit()
                 update.apply(groups, ds, per_param, shrinks, self.state if self.per_block else None)
         except BaseException:
             if saved is not None:
@@ -237,6 +246,14 @@ class QuadraticLineSearch(Optimizer):
         return (
             "current" in self._queried(step) or (self._lagged and self.measures(step + 1)) or self.per_block
         )
+
+    def _preview(self, groups: Groups, params: list[Tensor]) -> directions.Previewed | None:
+        """d_t and gᵀg without changing any state, and the commit that moves it
+        (:func:`~quadstep.direction.previewed`); None without a :attr:`preview` or a state yet, and for
+        a noise-correcting policy, whose terms read the current gradient's weight from the moved state."""
+        if self.preview is None or self._noise or not all(p in self.state for p in params):
+            return None
+        return directions.previewed(self.preview, groups, self.state.__getitem__, self._gradients)
 
     def _directions(
         self, groups: Groups, state_of: Callable[[Tensor], dict[str, Any]]

@@ -141,6 +141,46 @@ def test_fused_kernel_and_tensor_ops_give_the_same_direction_and_state(
     assert [float(v) for v in runs["fused"][-1][3::3]] == [4.0] * 3  # step counts: 5 steps, one skipped
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_the_preview_changes_nothing_and_its_commit_moves_the_state_as_the_direction_does(amsgrad: bool) -> None:
+    """adam_preview's d equals adam's, bit for bit, with the state untouched until the commit, which
+    leaves it as adam leaves it; on a skipped step (NaN in g) d = 0 and nothing moves. The weight
+    (300 000 entries) is cut into slices of a quarter of the entries, the bias shares the last one."""
+    import quadstep.direction as direction
+
+    if "cpu" not in direction.FUSED_DEVICES:
+        pytest.skip("this torch has no fused Adam kernel on CPU")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(500, 600), (500,)]
+    group = {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": amsgrad}
+    params = [torch.zeros(s) for s in shapes]
+    ours: list[dict] = [{} for _ in shapes]
+    theirs: list[dict] = [{} for _ in shapes]
+    for t in range(4):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        if t == 2:
+            grads[0][7, 3] = math.nan
+        finite = torch.tensor(t != 2)
+        if t == 0:  # no state yet: no preview, the direction creates it
+            assert direction.adam_preview(group, params, grads, ours, finite) is None
+            direction.adam(group, params, grads, ours, finite)
+            direction.adam(group, params, grads, theirs, finite)
+            continue
+        before = [{k: v.clone() for k, v in s.items()} for s in ours]
+        previewed = direction.adam_preview(group, params, grads, ours, finite)
+        assert previewed is not None
+        ds, commit = previewed
+        assert all(torch.equal(v, b[k]) for s, b in zip(ours, before) for k, v in s.items())
+        want = direction.adam(group, params, grads, theirs, finite)
+        assert all(torch.equal(d, w) for d, w in zip(ds, want))
+        commit()
+        assert all(torch.equal(ds[i], want[i]) for i in range(len(ds)))  # the commit leaves d
+        assert all(torch.equal(v, s2[k]) for s, s2 in zip(ours, theirs) for k, v in s.items())
+        if t == 2:
+            assert not any(d.any() for d in ds)
+            assert all(torch.equal(v, b[k]) for s, b in zip(ours, before) for k, v in s.items())
+
+
 def test_scale_mode_moves_parameters_by_alpha_times_d_and_records_that_step() -> None:
     """The recorded alpha* belongs to the step taken: Δθ = α·d with d from the current moments,
     dg·α = Δθᵀg and dHd·α² = Δθᵀ H_blockdiag Δθ from autograd."""

@@ -142,10 +142,15 @@ def _raise(*args: Any, **kwargs: Any) -> Any:
     raise Injected("injected failure")
 
 
+def _after_direction(opt: QuadraticLineSearchAdam, mp: pytest.MonkeyPatch) -> None:
+    """A failure right after the direction ran: after its preview (which moves nothing), or where there
+    is none after the moments and the step count have moved."""
+    mp.setattr(opt, "direction", lambda *a, **k: (type(opt).direction(*a, **k), _raise())[0])
+    mp.setattr(opt, "preview", lambda *a, **k: (type(opt).preview(*a, **k), _raise())[0])
+
+
 STAGES: dict[str, Callable[[QuadraticLineSearchAdam, pytest.MonkeyPatch], None]] = {
-    "direction": lambda opt, mp: mp.setattr(
-        opt, "direction", lambda *a, **k: (type(opt).direction(*a, **k), _raise())[0]
-    ),  # after the moments and the step count have moved
+    "direction": _after_direction,
     "curvature": lambda opt, mp: mp.setattr(opt._curvature, "forms_along", _raise),
     "policy": lambda opt, mp: mp.setattr(opt._policies[0], "propose", _raise),
     "record": lambda opt, mp: mp.setattr(opt, "_record", _raise),
