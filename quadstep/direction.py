@@ -12,6 +12,7 @@ finite (Adam's is 0): the optimizer then steps by ``0·d``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -220,7 +221,8 @@ def adam_preview(
     finite: Tensor,
 ) -> tuple[list[Tensor], Callable[[], None]] | None:
     r""":func:`adam`'s ``d`` without changing the state, and the commit that then moves the state; None
-    where the fused kernel does not run, or a state is yet to be created (copy the state instead).
+    where the fused kernel does not run, the group mixes devices or dtypes, or a state is yet to be
+    created (copy the state instead).
 
     The kernel runs on copies of the moments, a slice of about a quarter of the group's entries at a
     time, so the copies hold about half its parameters' size at most. The commit runs it on the moments
@@ -231,40 +233,68 @@ def adam_preview(
     ready = all(s and (not amsgrad or "max_exp_avg_sq" in s) for s in states)
     if not (
         ready
+        and len({(g.device, g.dtype) for g in grads}) == 1
         and fused is not False
         and all(_fusable(g, s, amsgrad, bool(fused)) for g, s in zip(grads, states))
     ):
         return None
+    beta1, beta2 = group["betas"]
     keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    device = grads[0].device
+    found_inf = (~finite).to(device=device, dtype=torch.float32)
+    ones = finite.to(device=device, dtype=torch.float32)
+    kernel = functools.partial(
+        torch_internals.fused_adam_, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"],
+        amsgrad=amsgrad, maximize=group.get("maximize", False), found_inf=found_inf,
+    )  # fmt: skip
     ds = [torch.zeros_like(g) for g in grads]
+    steps = [s["step"] + ones for s in states]
     # Slices start at multiples of 64 entries (cache lines): the kernel's vector loop then splits each
     # slice as it splits the whole tensor, and the copies end bit for bit as the moments will.
     budget = -(-max(sum(g.numel() for g in grads) // 4, 1 << 16) // 64) * 64
-    pieces = [
-        (i, start, min(start + budget, g.numel()))
-        for i, g in enumerate(grads)
-        for start in range(0, g.numel(), budget)
-    ]
-    steps = [s["step"] + finite.to(torch.float32) for s in states]
-    while pieces:
-        batch, held = [], 0
-        while pieces and (not batch or held + pieces[0][2] - pieces[0][1] <= budget):
-            batch.append(pieces.pop(0))
-            held += batch[-1][2] - batch[-1][1]
-        cut = [(i, slice(a, b)) for i, a, b in batch]
-        copies = [
-            {k: states[i][k].view(-1)[where].clone() for k in keys} | {"step": steps[i]} for i, where in cut
-        ]
-        _adam_fused(
-            group, [grads[i].view(-1)[where] for i, where in cut], copies, finite,
-            targets=[ds[i].view(-1)[where] for i, where in cut],
-        )  # fmt: skip
+    flat = [[t.view(-1) for t in (ds[i], grads[i], *(states[i][k] for k in keys))] for i in range(len(grads))]
+    batch: list[tuple[int, slice]] = []
+    held = 0
+    for i, g in enumerate(grads):
+        for start in range(0, g.numel(), budget):
+            stop = min(start + budget, g.numel())
+            if batch and held + stop - start > budget:
+                _preview_batch(kernel, flat, steps, batch, len(keys))
+                batch, held = [], 0
+            batch.append((i, slice(start, stop)))
+            held += stop - start
+    _preview_batch(kernel, flat, steps, batch, len(keys))
 
     def commit() -> None:
-        torch_internals.foreach_add_([s["step"] for s in states], [finite.to(torch.float32)] * len(states))
-        _adam_fused(group, grads, states, finite, targets=ds, lr=0.0)
+        torch_internals.foreach_add_([s["step"] for s in states], [ones] * len(states))
+        moments = [[s[k] for s in states] for k in keys]
+        kernel(
+            ds,
+            grads,
+            moments[0],
+            moments[1],
+            moments[2] if amsgrad else [],
+            [s["step"] for s in states],
+            lr=0.0,
+        )
 
     return ds, commit
+
+
+def _preview_batch(
+    kernel: Callable[..., None],
+    flat: list[list[Tensor]],
+    steps: list[Tensor],
+    batch: list[tuple[int, slice]],
+    n: int,
+) -> None:
+    """:func:`adam_preview`'s kernel on one batch of slices ``(i, where)``: on copies of the moments, into d."""
+    cut = [[t[where] for t in flat[i]] for i, where in batch]
+    copies = [[c[2 + k].clone() for c in cut] for k in range(n)]
+    kernel(
+        [c[0] for c in cut], [c[1] for c in cut], copies[0], copies[1], copies[2] if n == 3 else [],
+        [steps[i] for i, _ in batch], lr=1.0,
+    )  # fmt: skip
 
 
 def adam_update(
