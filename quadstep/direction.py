@@ -201,7 +201,7 @@ def _adam_fused(
             [states[i]["exp_avg_sq"] for i in idx],
             [states[i]["max_exp_avg_sq"] for i in idx] if amsgrad else [],
             [states[i]["step"] for i in idx],
-            lr=lr.to(device) if isinstance(lr, Tensor) else lr,
+            lr=_on(lr, device) if isinstance(lr, Tensor) else lr,
             beta1=beta1,
             beta2=beta2,
             weight_decay=0.0,
@@ -211,6 +211,12 @@ def _adam_fused(
             found_inf=not_finite.to(device),
         )
     return ds
+
+
+def _on(lr: Tensor, device: torch.device) -> Tensor:
+    """A tensor ``lr`` as the kernel on ``device`` reads it: the CPU kernel reads its value as a double,
+    the CUDA kernel a float32 in device memory."""
+    return lr.to(device=device, dtype=lr.dtype if device.type == "cpu" else torch.float32)
 
 
 def adam_preview(

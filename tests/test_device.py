@@ -183,6 +183,8 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam-tensor-lr": lambda net, **kw: QuadraticLineSearchAdam(
         net.parameters(), lr=torch.tensor(1e-2, device=next(net.parameters()).device), weight_decay=0.1, **kw
     ),
+    # steps 2 and 3 query nothing; step 2 keeps no d: the direction and the update in one pass
+    "adam-every3": lambda net, **kw: QuadraticLineSearchAdam(net.parameters(), lr=1e-2, weight_decay=0.1, every=3, **kw),
     "adam-per-block": lambda net, **kw: QuadraticLineSearchAdam(net.parameters(), lr=1e-2, per_block=True, step_size="greedy", **kw),
     "sgd-nesterov": lambda net, **kw: QuadraticLineSearchSGD(
         net.parameters(), lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, **kw
@@ -203,6 +205,8 @@ SYNC_CASES = [
     ("sgd-nesterov", "scale", "pch-clip", False),
     ("adam-tensor-lr", "observe", "ggn", False),
     ("adam-per-block", "scale", "hessian", False),
+    ("adam-every3", "scale", "hessian", False),
+    ("adam-every3", "observe", "ggn-exact", False),
     ("adam", "scale", "ggn-exact", False),
     ("adam", "scale", "hessian-exact", True),
     ("sgd-nesterov", "observe", "ggn-exact", True),
