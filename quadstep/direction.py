@@ -173,6 +173,17 @@ def _fusable(g: Tensor, state: dict[str, Any], amsgrad: bool = False, fp16: bool
     )
 
 
+def _kernel_runs(group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]) -> bool:
+    """Whether :func:`adam` would run the fused kernel on these states, all of which exist already."""
+    amsgrad, fused = group.get("amsgrad", False), group.get("fused")
+    ready = all(s and (not amsgrad or "max_exp_avg_sq" in s) for s in states)
+    return (
+        ready
+        and fused is not False
+        and all(_fusable(g, s, amsgrad, bool(fused)) for g, s in zip(grads, states))
+    )
+
+
 def _adam_fused(
     group: dict[str, Any],
     grads: list[Tensor],
@@ -235,15 +246,9 @@ def adam_preview(
     themselves with ``d`` as the "parameters" and ``lr = 0``, which leaves ``d`` as it is: in place,
     allocating nothing, and the moments end as the copies did.
     """
-    amsgrad, fused = group.get("amsgrad", False), group.get("fused")
-    ready = all(s and (not amsgrad or "max_exp_avg_sq" in s) for s in states)
-    if not (
-        ready
-        and len({(g.device, g.dtype) for g in grads}) == 1
-        and fused is not False
-        and all(_fusable(g, s, amsgrad, bool(fused)) for g, s in zip(grads, states))
-    ):
+    if not _kernel_runs(group, grads, states) or len({(g.device, g.dtype) for g in grads}) != 1:
         return None
+    amsgrad = group.get("amsgrad", False)
     beta1, beta2 = group["betas"]
     keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
     device = grads[0].device
@@ -315,13 +320,7 @@ def adam_update(
     ``d``: where :func:`adam` runs the fused kernel, one pass of it over the parameters themselves
     (the step of ``torch.optim.Adam(fused=True)`` with ``lr = alpha``), else :func:`adam`, then the
     update. ``alpha`` is 0-dim (0 on a skipped step)."""
-    amsgrad, fused = group.get("amsgrad", False), group.get("fused")
-    ready = all(s and (not amsgrad or "max_exp_avg_sq" in s) for s in states)
-    if not (
-        ready
-        and fused is not False
-        and all(_fusable(g, s, amsgrad, bool(fused)) for g, s in zip(grads, states))
-    ):
+    if not _kernel_runs(group, grads, states):
         return stepped(adam, group, params, grads, states, finite, alpha)
     steps = [s["step"] for s in states]
     torch_internals.foreach_add_(steps, [finite.to(torch.float32)] * len(steps))

@@ -185,15 +185,6 @@ def test_a_step_that_raises_changes_nothing(stage: str, curvature: str, step_siz
     for x, y in batches[:3]:
         backward(model, opt, loss_fn, x, y)
         opt.step()
-    before = _snapshot(opt, model)
-    x, y = batches[3]
-    backward(model, opt, loss_fn, x, y)
-    with pytest.MonkeyPatch.context() as mp:
-        STAGES[stage](opt, mp)
-        with pytest.raises(Injected):
-            opt.step()
-    _assert_same(_snapshot(opt, model), before)
-    # the retry, on the same batch, steps exactly as an optimizer that never failed
     twin_loss = nn.CrossEntropyLoss()
     if curvature in BACKPACK:
         twin_loss = extend(twin_loss)
@@ -201,10 +192,36 @@ def test_a_step_that_raises_changes_nothing(stage: str, curvature: str, step_siz
         twin_model.parameters(), lr=1e-2, curvature=curvature, step_size=step_size, model=twin_model,
         loss_fn=twin_loss,
     )
+    _fails_then_retries(
+        stage, opt, model, twin, twin_model, batches,
+        lambda x, y: backward(model, opt, loss_fn, x, y), lambda x, y: backward(twin_model, twin, twin_loss, x, y),
+    )  # fmt: skip
+
+
+def _fails_then_retries(
+    stage: str,
+    opt: QuadraticLineSearchAdam,
+    model: nn.Module,
+    twin: QuadraticLineSearchAdam,
+    twin_model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    backward: Callable[[torch.Tensor, torch.Tensor], None],
+    twin_backward: Callable[[torch.Tensor, torch.Tensor], None],
+) -> None:
+    """``opt``'s step on the last batch raises at ``stage`` and leaves everything bit for bit as it was;
+    the retry, on the same batch, steps exactly as ``twin``, which steps on every batch and never fails."""
+    before = _snapshot(opt, model)
+    x, y = batches[-1]
+    backward(x, y)
+    with pytest.MonkeyPatch.context() as mp:
+        STAGES[stage](opt, mp)
+        with pytest.raises(Injected):
+            opt.step()
+    _assert_same(_snapshot(opt, model), before)
     for x2, y2 in batches:
-        backward(twin_model, twin, twin_loss, x2, y2)
+        twin_backward(x2, y2)
         twin.step()
-    backward(model, opt, loss_fn, x, y)
+    backward(x, y)
     opt.step()
     for p, q in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(p, q)
@@ -242,22 +259,11 @@ def test_a_step_that_keeps_no_direction_and_raises_changes_nothing(failing: int,
     for x, y in batches[:-1]:
         backward(model, opt, loss_fn, x, y)
         opt.step()
-    before = _snapshot(opt, model)
-    x, y = batches[-1]
-    backward(model, opt, loss_fn, x, y)
     assert not opt._forms(failing)
-    with pytest.MonkeyPatch.context() as mp:
-        STAGES[stage](opt, mp)
-        with pytest.raises(Injected):
-            opt.step()
-    _assert_same(_snapshot(opt, model), before)
-    for x2, y2 in batches:
-        backward(twin_model, twin, twin_loss, x2, y2)
-        twin.step()
-    backward(model, opt, loss_fn, x, y)
-    opt.step()
-    for p, q in zip(model.parameters(), twin_model.parameters()):
-        assert torch.equal(p, q)
+    _fails_then_retries(
+        stage, opt, model, twin, twin_model, batches,
+        lambda x, y: backward(model, opt, loss_fn, x, y), lambda x, y: backward(twin_model, twin, twin_loss, x, y),
+    )  # fmt: skip
     assert math.isnan(float(opt.history[-1].dg)) and float(opt.history[-1].alpha) == float(twin.history[-1].alpha)
 
 
