@@ -3,6 +3,9 @@
 A direction function owns the per-parameter optimizer state it needs (moments,
 step counts) and turns the current gradient ``g`` into a direction ``d``. It
 never moves a parameter: the optimizer multiplies ``d`` by the chosen step size.
+Adam's has two companions: :func:`adam_preview`, the same ``d`` with the state
+moved only by a later commit, and :func:`adam_update`, ``d`` and the update in
+one pass for a step that keeps no ``d``.
 
 Every direction takes ``finite``, a 0-dim bool tensor that is ``False`` when
 some gradient holds NaN/Inf. The state is then left exactly as it was, with

@@ -165,11 +165,8 @@ class QuadraticLineSearch(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         r"""Direction → curvature → step size → :math:`\theta \leftarrow \theta + \alpha d`, all or nothing:
-        if anything raises, parameters, state, policy states and history are as before. A step that
-        queries the curvature forms d_t from the direction's :attr:`preview`, which changes no state,
-        and moves the state only at the end, in place (else from a copy of the state); a step that keeps
-        no d_t (``every > 1``, see :meth:`_forms`) runs the direction and the update in one pass, last;
-        on any other step only quadstep's own arithmetic follows the direction, uncopied.
+        if anything raises, parameters, state, policy states and history are as before (how d_t is
+        formed so that this holds: :meth:`_direction_for`).
 
         Args:
             closure: optional; re-evaluates the model and calls ``loss.backward()``, inside the
@@ -186,18 +183,10 @@ class QuadraticLineSearch(Optimizer):
             self._curvature.check_ready(params)  # raises before any state changes
         maximize, saved = directions.maximizing(groups), None
         try:
-            # d_{t-1} alone: queried before the direction changes any state; d_t: after, from a copy.
-            early = "current" not in sets and self._checks(t)  # the products are freed before d_t is formed
+            # d_{t-1} alone: queried (and the products freed) before d_t is formed; d_t: after.
+            early = "current" not in sets and self._checks(t)
             local = self._query(params, [], sets, release=True) if early else None
-            formed = self._forms(t)
-            previewed = self._preview(groups, params) if sets and formed else None
-            saved = update.saved(self.state, params) if sets and formed and previewed is None else None
-            if previewed is not None:  # the state moves in the commit, just before the update
-                ds, grad_sq, commit = previewed
-            elif formed:
-                (ds, grad_sq), commit = self._directions(groups, self.state.__getitem__), None
-            else:  # d_t goes straight into the update, the last thing the step does
-                ds, grad_sq, commit = None, directions.squared_norm(params), None
+            ds, grad_sq, commit, saved = self._direction_for(groups, params, t, sets)
             if local is None:
                 local = self._query(params, ds, sets) if sets else {}
             measured, blocks = self._measurement(groups, ds, grad_sq, local, maximize)
@@ -246,6 +235,29 @@ class QuadraticLineSearch(Optimizer):
         return (
             "current" in self._queried(step) or (self._lagged and self.measures(step + 1)) or self.per_block
         )
+
+    def _direction_for(
+        self, groups: Groups, params: list[Tensor], t: int, sets: tuple[str, ...]
+    ) -> tuple[list[Tensor] | None, Tensor, Callable[[], None] | None, update.SavedState | None]:
+        """d_t and gᵀg for step ``t``, the commit that then moves the direction's state (None where it
+        has moved already) and the copy to restore it from (None where there is none). A step that
+        queries the curvature takes d_t from the direction's :attr:`preview` (nothing moves until the
+        commit), else from the direction after copying its state; a step that keeps no d_t forms none
+        (the update moves the state, last); any other takes it from the direction, uncopied (only
+        quadstep's own arithmetic follows)."""
+        if not self._forms(t):
+            return None, directions.squared_norm(params), None, None
+        previewed = self._preview(groups, params) if sets else None
+        if previewed is not None:
+            return (*previewed, None)
+        saved = update.saved(self.state, params) if sets else None
+        try:
+            ds, grad_sq = self._directions(groups, self.state.__getitem__)
+        except BaseException:
+            if saved is not None:
+                update.restore(self.state, saved)
+            raise
+        return ds, grad_sq, None, saved
 
     def _preview(self, groups: Groups, params: list[Tensor]) -> directions.Previewed | None:
         """d_t and gᵀg without changing any state, and the commit that moves it
