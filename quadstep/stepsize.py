@@ -118,10 +118,10 @@ class Measurement(NamedTuple):
     r"""What one step measured, handed to a policy (0-dim tensors on one device).
 
     ``dg``, ``dcd``: :math:`d_t^\top g_t` and :math:`d_t^\top C_t d_t` along the current direction
-    (``dcd`` is NaN when ``measured`` is False; ``dg`` too on a step that neither measures nor keeps
-    :math:`d_t` for the next one, whose direction goes straight into the update). ``slope``, ``lagged_dcd``: :math:`s_t = d_{t-1}^\top g_t`
-    and :math:`q_t = d_{t-1}^\top C_t d_{t-1}` along the previous direction, and ``previous_alpha``
-    :math:`\alpha_{t-1}`, the step size taken along it (NaN unless ``lagged``). ``grad_sq``:
+    (``dcd`` is NaN when ``measured`` is False; ``dg`` too on a step that neither queries the curvature
+    along :math:`d_t` nor keeps it for the next step: its direction goes straight into the update).
+    ``slope``, ``lagged_dcd``: :math:`s_t = d_{t-1}^\top g_t` and :math:`q_t = d_{t-1}^\top C_t d_{t-1}`
+    along the previous direction, and ``previous_alpha`` :math:`\alpha_{t-1}`, the step size taken along it (NaN unless ``lagged``). ``grad_sq``:
     :math:`g^\top g`, NaN/Inf for a non-finite gradient. ``noise``: the estimate
     :math:`\nu_t = \sum_i w_i \widehat{\mathrm{Var}}(g)_i` of the batch noise in :math:`-d_t^\top g_t`
     (:class:`Corrected`; NaN where the step did not estimate it).
