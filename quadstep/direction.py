@@ -63,7 +63,7 @@ def adam(
     d, m and v up to rounding. ``group["fused"]`` False always runs the tensor ops, True
     runs the kernel on fp16 too.
     """
-    amsgrad, fused = group.get("amsgrad", False), group.get("fused")
+    amsgrad = group.get("amsgrad", False)
     for p, state in zip(params, states):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -71,10 +71,8 @@ def adam(
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    steps = [s["step"] for s in states]
-    # A list: _foreach_add_ with one 0-dim tensor reads its value on the host (a sync on a GPU).
-    torch_internals.foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
-    if fused is not False and all(_fusable(g, s, amsgrad, fp16=bool(fused)) for g, s in zip(grads, states)):
+    steps = _count_step(states, finite.to(torch.float32))
+    if _kernel_runs(group, grads, states):
         return _adam_fused(group, grads, states, finite)
     return _adam_tensor_ops(group, grads, states, finite, steps)
 
@@ -174,6 +172,14 @@ def _fusable(g: Tensor, state: dict[str, Any], amsgrad: bool = False, fp16: bool
         and all(g.dtype == m.dtype and m.is_contiguous() for m in moments)
         and g.is_contiguous()
     )
+
+
+def _count_step(states: list[dict[str, Any]], increment: Tensor) -> list[Tensor]:
+    """Add ``increment`` (1, or 0 on a skipped step; float32) to every ``state["step"]``; returns them."""
+    steps = [s["step"] for s in states]
+    # A list: _foreach_add_ with one 0-dim tensor reads its value on the host (a sync on a GPU).
+    torch_internals.foreach_add_(steps, [increment] * len(steps))
+    return steps
 
 
 def _kernel_runs(group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]) -> bool:
@@ -280,7 +286,6 @@ def adam_preview(
     _preview_batch(kernel, flat, steps, batch, len(keys))
 
     def commit() -> None:
-        torch_internals.foreach_add_([s["step"] for s in states], [ones] * len(states))
         moments = [[s[k] for s in states] for k in keys]
         kernel(
             ds,
@@ -288,7 +293,7 @@ def adam_preview(
             moments[0],
             moments[1],
             moments[2] if amsgrad else [],
-            [s["step"] for s in states],
+            _count_step(states, ones),
             lr=0.0,
         )
 
@@ -325,8 +330,7 @@ def adam_update(
     update. ``alpha`` is 0-dim (0 on a skipped step)."""
     if not _kernel_runs(group, grads, states):
         return stepped(adam, group, params, grads, states, finite, alpha)
-    steps = [s["step"] for s in states]
-    torch_internals.foreach_add_(steps, [finite.to(torch.float32)] * len(steps))
+    _count_step(states, finite.to(torch.float32))
     _adam_fused(group, grads, states, finite, targets=params, lr=alpha)
     return None
 

@@ -191,7 +191,10 @@ class QuadraticLineSearch(Optimizer):
                 local = self._query(params, ds, sets) if sets else {}
             measured, blocks = self._measurement(groups, ds, grad_sq, local, maximize)
             proposals, policy_states = self._propose(measured)
-            alphas, per_param, shrinks, rule = self._step_sizes(groups, measured, proposals[0], blocks)
+            formed = ds is not None
+            alphas, per_param, shrinks, rule = self._step_sizes(
+                groups, measured, proposals[0], blocks, formed
+            )
             record = self._record(t, measured, proposals, alphas, rule)
             if ds is None:
                 self._update_in_place(groups, alphas, shrinks, torch.isfinite(grad_sq))
@@ -299,11 +302,16 @@ class QuadraticLineSearch(Optimizer):
         return local
 
     def _step_sizes(
-        self, groups: Groups, measured: Measurement, proposal: Proposal, blocks: tuple[Tensor, Tensor] | None
+        self,
+        groups: Groups,
+        measured: Measurement,
+        proposal: Proposal,
+        blocks: tuple[Tensor, Tensor] | None,
+        formed: bool,
     ) -> tuple[Tensor, list[Tensor], list[Tensor | None], StepSize]:
-        """:func:`~quadstep.update.step_sizes`: within the policy's clip (scale mode), or the lr (observe)."""
+        """:func:`~quadstep.update.step_sizes`: within the policy's clip (scale mode), or the lr (observe);
+        ``formed``: whether the step formed d_t."""
         bounds = (self.alpha_min, self.alpha_max) if self.mode == "scale" else None
-        formed = self._forms(self._steps + 1)
         wd = self.decoupled_weight_decay
         return update.step_sizes(groups, measured, proposal, blocks, bounds, wd, formed)
 
